@@ -1,0 +1,1 @@
+"""The ``edgevit`` command line: one module per command."""

@@ -1,0 +1,38 @@
+"""``edgevit compress [RECIPE]``: run a recipe's passes and print the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgevit.recipe import load_recipe
+from edgevit.registry import Registry
+from edgevit.report import table_rows
+
+
+def compress(
+    recipe: Path | None = typer.Argument(None, help="recipe YAML; omitted: the embedded demo (digits)"),
+    out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
+    overrides: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. passes.adapt.epochs=3"),
+    no_resume: bool = typer.Option(False, "--no-resume", help="re-run every stage even if unchanged"),
+) -> None:
+    """Run RECIPE's passes on its model; writes runs/<name>/ and prints a table per stage."""
+    from edgevit.pipeline import Pipeline
+
+    console = Console(stderr=True)
+    registry = Registry()
+    rec, steps = load_recipe(recipe, overrides, registry)
+    run_dir = out or Path("runs") / rec.name
+    console.print(f"edgevit compress: recipe [bold]{rec.name}[/bold] → {run_dir}")
+    report = Pipeline(rec, steps, run_dir, registry, console, resume=not no_resume).run()
+    head, rows = table_rows(report)
+    table = Table(title=f"{rec.name}: one row per stage", title_justify="left")
+    for h in head:
+        table.add_column(h, justify="left" if h == "stage" else "right")
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)
+    Console().print(f"report: {run_dir / 'report.md'} and {run_dir / 'report.json'}")

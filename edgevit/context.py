@@ -1,0 +1,91 @@
+"""What passes share but do not own."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+if TYPE_CHECKING:
+    from edgevit.data import DataBundle
+    from edgevit.graph import ModelGraph
+    from edgevit.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """A finished stage of this run, as the manifest lists it."""
+
+    index: int
+    name: str
+    dir: Path
+    seconds: float
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    run_dir: Path
+    data: DataBundle
+    device: torch.device
+    console: Console
+    registry: Any
+    seed: int = 0
+    stage_dir: Path = Path(".")
+    stages: list[StageRecord] = field(default_factory=list)
+    profile: Any = None  # a device profile, once profiles exist
+    _teacher: Callable[[], ModelGraph] | None = None
+    _calibration: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def for_stage(self, stage_dir: Path, stages: list[StageRecord]) -> RunContext:
+        return dataclasses.replace(self, stage_dir=stage_dir, stages=list(stages))
+
+    @property
+    def teacher(self) -> ModelGraph:
+        """The model knowledge comes from: the latest ``adapt`` output, else the input model."""
+        if self._teacher is None:
+            raise RuntimeError("no teacher is available in this context")
+        return self._teacher()
+
+    def calibration(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recipe's calibration images (class-stratified, fixed by seed) and labels."""
+        if self._calibration is None:
+            c = self.recipe.calibration
+            self._calibration = self.data.sample(c.num_samples, self.seed, c.split)
+        return self._calibration
+
+    def progress(self) -> Progress:
+        return Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=self.console,
+            transient=False,
+            disable=not self.console.is_terminal,
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    from edgevit.errors import EdgeVitError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EdgeVitError("device: cuda was asked for but no CUDA device is available; use device: auto or cpu")
+    return torch.device(name)

@@ -1,0 +1,186 @@
+"""Datasets ready for a ViT: resized to the model's input, normalised with its mean/std."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from edgevit.data.config import DigitsData, ImageFolderData, NpzData
+from edgevit.errors import EdgeVitError
+from edgevit.graph.spec import GraphSpec
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _transform(spec: GraphSpec, augment: str, train: bool):  # noqa: ANN202 - torchvision type
+    from torchvision.transforms import v2
+
+    size = list(spec.img_size)
+    steps: list = [v2.ToImage(), v2.Resize(size, antialias=True)]
+    if train and augment in ("crop", "crop_flip"):
+        steps.append(v2.RandomCrop(size, padding=max(1, size[0] // 8)))
+    if train and augment == "crop_flip":
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
+    return v2.Compose(steps)
+
+
+class ArrayDataset(Dataset):
+    """uint8 NHWC images in memory."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform) -> None:  # noqa: ANN001
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[i]), int(self.labels[i])
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    class_names: list[str]
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int = 0
+
+    def train_loader(self, seed: int, epoch: int) -> DataLoader:
+        """Shuffled deterministically by (seed, epoch), so a resumed run sees the same order."""
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=g,
+                          num_workers=self.num_workers, drop_last=len(self.train) > self.batch_size)
+
+    def val_loader(self, batch_size: int | None = None) -> DataLoader:
+        return DataLoader(self.val, batch_size=batch_size or self.eval_batch_size, shuffle=False,
+                          num_workers=self.num_workers)
+
+    def sample(self, n: int, seed: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` images, class-stratified and deterministic by seed (calibration, parity checks)."""
+        ds = self.val if split == "val" else self.train
+        labels = np.array([_label(ds, i) for i in range(len(ds))])
+        rng = np.random.default_rng(seed)
+        per_class = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
+        order: list[int] = []
+        while len(order) < min(n, len(labels)):
+            for idx in per_class:
+                if idx and len(order) < n:
+                    order.append(idx.pop())
+        xs, ys = zip(*(ds[i] for i in order), strict=True)
+        return torch.stack(xs), torch.tensor(ys)
+
+
+def _label(ds: Dataset, i: int) -> int:
+    if isinstance(ds, Subset):
+        return _label(ds.dataset, ds.indices[i])
+    if isinstance(ds, ArrayDataset):
+        return int(ds.labels[i])
+    return int(ds.targets[i])  # torchvision ImageFolder
+
+
+def _limit(ds: Dataset, n: int | None) -> Dataset:
+    return ds if n is None or n >= len(ds) else Subset(ds, list(range(n)))
+
+
+def _check_channels(mode: str, where: str, path: object, to_rgb: bool) -> None:
+    if mode != "RGB" and not to_rgb:
+        raise EdgeVitError(
+            f"{where}: {path} is a {mode} image, not 3-channel RGB; convert the images to RGB "
+            f"or set {where.split('.')[0]}.to_rgb: true"
+        )
+
+
+def _image_folder(root: Path, where: str, transform, to_rgb: bool):  # noqa: ANN001, ANN202
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.datasets import ImageFolder
+
+    if not root.is_dir():
+        raise EdgeVitError(f"{where}: directory not found: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise EdgeVitError(f"{where}: no class folders in {root}; expected ImageFolder layout root/<class>/<image>")
+
+    def load(path: str) -> Image.Image:
+        try:
+            img = Image.open(path)
+            img.load()
+        except (UnidentifiedImageError, OSError) as e:
+            raise EdgeVitError(f"{where}: cannot read image {path}: {e}") from e
+        _check_channels(img.mode, where, path, to_rgb)
+        return img.convert("RGB")
+
+    try:
+        ds = ImageFolder(str(root), transform=transform, loader=load,
+                         is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
+    except FileNotFoundError as e:
+        raise EdgeVitError(f"{where}: no images found in {root} (extensions {', '.join(IMAGE_EXTENSIONS)})") from e
+    # read the first image of every class now, so a bad data set fails before any stage runs
+    seen: set[int] = set()
+    for path, label in ds.samples:
+        if label not in seen:
+            seen.add(label)
+            load(path)
+    return ds
+
+
+def _check_array(x: np.ndarray, where: str, to_rgb: bool) -> np.ndarray:
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.dtype != np.uint8:
+        raise EdgeVitError(f"{where}: expected uint8 images shaped N,H,W,C; got {x.dtype} {x.shape}")
+    if x.shape[-1] != 3:
+        if x.shape[-1] == 1 and to_rgb:
+            return np.repeat(x, 3, axis=-1)
+        _check_channels(f"{x.shape[-1]}-channel", where, "the array", to_rgb)
+    return x
+
+
+def build_data(cfg: ImageFolderData | DigitsData | NpzData, spec: GraphSpec, seed: int) -> DataBundle:
+    """Load and check the data set before any stage runs; image size and normalisation come
+    from the model so the data always fits it."""
+    if spec.in_chans != 3:
+        raise EdgeVitError(f"model: expects {spec.in_chans} input channels; edgevit data sources give RGB")
+    train_tf, val_tf = _transform(spec, cfg.augment, True), _transform(spec, cfg.augment, False)
+    if isinstance(cfg, ImageFolderData):
+        train = _image_folder(cfg.train, "data.train", train_tf, cfg.to_rgb)
+        val = _image_folder(cfg.val, "data.val", val_tf, cfg.to_rgb)
+        if train.classes != val.classes:
+            raise EdgeVitError(
+                f"data: train classes {train.classes[:5]}... differ from val classes {val.classes[:5]}..."
+            )
+        names = list(train.classes)
+    elif isinstance(cfg, DigitsData):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        d = load_digits()
+        x = np.repeat((d.images * (255.0 / 16.0)).round().astype(np.uint8)[..., None], 3, axis=-1)
+        xt, xv, yt, yv = train_test_split(x, d.target, test_size=cfg.val_fraction, random_state=seed, stratify=d.target)
+        train, val = ArrayDataset(xt, yt, train_tf), ArrayDataset(xv, yv, val_tf)
+        names = [str(i) for i in range(10)]
+    else:
+        if not cfg.path.is_file():
+            raise EdgeVitError(f"data.path: file not found: {cfg.path}")
+        try:
+            arrays = np.load(cfg.path, allow_pickle=False)
+            xt, yt, xv, yv = (arrays[k] for k in ("x_train", "y_train", "x_val", "y_val"))
+        except KeyError as e:
+            raise EdgeVitError(f"data.path: {cfg.path} lacks array {e}; expected x_train, y_train, x_val, y_val") from e
+        except (OSError, ValueError) as e:
+            raise EdgeVitError(f"data.path: cannot read {cfg.path}: {e}") from e
+        xt, xv = _check_array(xt, "data.path", cfg.to_rgb), _check_array(xv, "data.path", cfg.to_rgb)
+        train, val = ArrayDataset(xt, yt, train_tf), ArrayDataset(xv, yv, val_tf)
+        names = [str(i) for i in range(int(max(yt.max(), yv.max())) + 1)]
+    train, val = _limit(train, cfg.limit_train), _limit(val, cfg.limit_val)
+    if len(train) == 0 or len(val) == 0:
+        raise EdgeVitError("data: the training or validation set is empty")
+    return DataBundle(train, val, len(names), names, cfg.batch_size, cfg.eval_batch_size, cfg.num_workers)

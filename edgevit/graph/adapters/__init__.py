@@ -1,0 +1,1 @@
+"""Model-family adapters; the registry ("adapters" group) lists them."""

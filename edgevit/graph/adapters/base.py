@@ -1,0 +1,101 @@
+"""What an adapter is: the one place that knows a model family's module layout."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from edgevit.graph.spec import AttentionSpec, GraphSpec, MlpSpec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Adapter(ABC):
+    """Builds a :class:`GraphSpec` from a model, rebuilds the architecture from a JSON recipe,
+    and keeps the module's own attributes true after the graph slices its weights."""
+
+    name: ClassVar[str]
+    supports: ClassVar[str]  # what it accepts, for error messages
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, module: nn.Module) -> bool:
+        """True if this adapter understands ``module``'s family (cheap isinstance test)."""
+
+    @abstractmethod
+    def describe(self, module: nn.Module, mean: Any = None, std: Any = None) -> GraphSpec:
+        """The structural spec of ``module``; a clear EdgeVitError if a part is unsupported."""
+
+    @abstractmethod
+    def build(self, recipe: dict[str, Any]) -> nn.Module:
+        """A freshly initialised module of the recorded architecture; never downloads."""
+
+    def after_keep_heads(self, attn: nn.Module, spec: AttentionSpec, channels: torch.Tensor) -> None:
+        """Slice family-specific per-channel extras and update the attributes forward reads.
+
+        ``channels`` indexes the kept attention channels (head-major, head_dim each)."""
+        return None
+
+    def after_keep_mlp_units(self, mlp: nn.Module, spec: MlpSpec, units: torch.Tensor) -> None:
+        """Like :meth:`after_keep_heads`, for MLP hidden units."""
+        return None
+
+    def reset_classifier(self, module: nn.Module, build: dict[str, Any], num_classes: int) -> dict[str, Any]:
+        """Replace the classifier head(s) with fresh ones for ``num_classes``; return the updated
+        construction recipe so the saved graph rebuilds with the new head."""
+        raise NotImplementedError(f"{self.name} models cannot change their number of classes")
+
+    @contextmanager
+    def export_mode(self, module: nn.Module) -> Iterator[None]:
+        """Switch the module to operators every ONNX opset can express (e.g. unfused attention)."""
+        yield
+
+
+def slice_linear(
+    linear: nn.Module, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None
+) -> None:
+    """Keep only ``out_idx`` rows and/or ``in_idx`` columns of a Linear, in place."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
+    with torch.no_grad():
+        w = linear.weight
+        if out_idx is not None:
+            w = w.index_select(0, out_idx.to(w.device))
+            if linear.bias is not None:
+                linear.bias = nn.Parameter(linear.bias.index_select(0, out_idx.to(w.device)).clone())
+            linear.out_features = int(out_idx.numel())
+        if in_idx is not None:
+            w = w.index_select(1, in_idx.to(w.device))
+            linear.in_features = int(in_idx.numel())
+        linear.weight = nn.Parameter(w.clone())
+
+
+def slice_norm(norm: nn.Module, idx: torch.Tensor) -> None:
+    """Keep ``idx`` channels of a LayerNorm (its affine parameters and normalized_shape)."""
+    if isinstance(norm, nn.Identity):
+        return
+    if not isinstance(norm, nn.LayerNorm):
+        raise TypeError(f"cannot slice a {type(norm).__name__}; only LayerNorm is supported")
+    with torch.no_grad():
+        if norm.weight is not None:
+            norm.weight = nn.Parameter(norm.weight.index_select(0, idx).clone())
+        if norm.bias is not None:
+            norm.bias = nn.Parameter(norm.bias.index_select(0, idx).clone())
+    norm.normalized_shape = (int(idx.numel()),)
+
+
+def as_triple(values: Any, default: tuple[float, float, float]) -> tuple[float, float, float]:
+    if values is None:
+        return default
+    vals = tuple(float(v) for v in values)
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3:
+        raise ValueError(f"expected 3 values for mean/std, got {len(vals)}")
+    return vals  # type: ignore[return-value]

@@ -1,0 +1,136 @@
+"""timm ``VisionTransformer`` and DeiT (``VisionTransformerDistilled``, two heads)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgevit.errors import EdgeVitError
+from edgevit.graph.adapters.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Adapter,
+    as_triple,
+    slice_linear,
+    slice_norm,
+)
+from edgevit.graph.spec import AttentionSpec, BlockSpec, GraphSpec, MlpSpec
+
+ARCHITECTURES = ("VisionTransformer", "VisionTransformerDistilled")
+
+
+def _classes() -> dict[str, type[nn.Module]]:
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    return {"VisionTransformer": VisionTransformer, "VisionTransformerDistilled": VisionTransformerDistilled}
+
+
+class TimmViTAdapter(Adapter):
+    name = "timm"
+    supports = "timm VisionTransformer / DeiT (incl. distilled)"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        from timm.models.vision_transformer import VisionTransformer
+
+        return isinstance(module, VisionTransformer)
+
+    def describe(self, module: nn.Module, mean: Any = None, std: Any = None) -> GraphSpec:
+        from timm.layers import Attention, Mlp
+        from timm.models.deit import VisionTransformerDistilled
+
+        what = type(module).__name__
+        if module.global_pool not in ("token", "avg"):
+            raise EdgeVitError(
+                f"model: {what} with global_pool={module.global_pool!r} is not supported; "
+                "use global_pool 'token' or 'avg'"
+            )
+        blocks = []
+        for i, blk in enumerate(module.blocks):
+            attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
+            if type(attn) is not Attention or type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear):
+                raise EdgeVitError(
+                    f"model: block {i} of {what} is {type(blk).__name__} with "
+                    f"{type(attn).__name__}/{type(mlp).__name__}; edgevit supports timm's standard "
+                    "Block (Attention + Mlp)"
+                )
+            p = f"blocks.{i}"
+            blocks.append(
+                BlockSpec(
+                    index=i,
+                    path=p,
+                    attn=AttentionSpec(
+                        path=f"{p}.attn",
+                        qkv=f"{p}.attn.qkv",
+                        proj=f"{p}.attn.proj",
+                        num_heads=attn.num_heads,
+                        head_dim=attn.head_dim,
+                    ),
+                    mlp=MlpSpec(
+                        path=f"{p}.mlp", fc1=f"{p}.mlp.fc1", fc2=f"{p}.mlp.fc2", hidden=mlp.fc1.out_features
+                    ),
+                )
+            )
+        cfg = getattr(module, "pretrained_cfg", None) or {}
+        heads = ["head"] + (["head_dist"] if isinstance(module, VisionTransformerDistilled) else [])
+        pe = module.patch_embed
+        return GraphSpec(
+            family=self.name,
+            embed_dim=module.embed_dim,
+            img_size=tuple(pe.img_size),
+            patch_size=tuple(pe.patch_size),
+            in_chans=pe.proj.in_channels,
+            mean=as_triple(mean if mean is not None else cfg.get("mean"), IMAGENET_MEAN),
+            std=as_triple(std if std is not None else cfg.get("std"), IMAGENET_STD),
+            num_classes=module.num_classes,
+            num_prefix_tokens=module.num_prefix_tokens,
+            pool=module.global_pool,
+            patch_embed="patch_embed.proj",
+            heads=heads,
+            blocks=blocks,
+        )
+
+    def build(self, recipe: dict[str, Any]) -> nn.Module:
+        import timm
+
+        kwargs = dict(recipe.get("kwargs") or {})
+        if recipe.get("name"):
+            return timm.create_model(recipe["name"], pretrained=False, **kwargs)
+        arch = recipe.get("architecture", "VisionTransformer")
+        classes = _classes()
+        if arch not in classes:
+            raise EdgeVitError(f"model.architecture: unknown {arch!r}; choose one of {', '.join(classes)}")
+        return classes[arch](**kwargs)
+
+    def after_keep_heads(self, attn: nn.Module, spec: AttentionSpec, channels: torch.Tensor) -> None:
+        attn.num_heads = int(channels.numel()) // spec.head_dim
+        attn.attn_dim = int(channels.numel())
+        if getattr(attn, "gate", None) is not None:
+            slice_linear(attn.gate, out_idx=channels)
+        slice_norm(attn.norm, channels)
+
+    def after_keep_mlp_units(self, mlp: nn.Module, spec: MlpSpec, units: torch.Tensor) -> None:
+        slice_norm(mlp.norm, units)
+
+    def reset_classifier(self, module: nn.Module, build: dict[str, Any], num_classes: int) -> dict[str, Any]:
+        module.reset_classifier(num_classes)
+        return {**build, "kwargs": {**(build.get("kwargs") or {}), "num_classes": num_classes}}
+
+    @contextmanager
+    def export_mode(self, module: nn.Module) -> Iterator[None]:
+        from timm.layers import Attention
+
+        attns = [m for m in module.modules() if isinstance(m, Attention)]
+        saved = [m.fused_attn for m in attns]
+        for m in attns:
+            m.fused_attn = False  # SDPA has no ONNX form below opset 14 (TensorRT 8.2 reads 13)
+        try:
+            yield
+        finally:
+            for m, f in zip(attns, saved, strict=True):
+                m.fused_attn = f

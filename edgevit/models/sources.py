@@ -1,0 +1,132 @@
+"""Where the input model comes from (the recipe's ``model:`` section), turned into a ModelGraph.
+
+The input files are only ever read: the pipeline works on its own copy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgevit.errors import EdgeVitError
+from edgevit.graph import ModelGraph
+from edgevit.graph.weights import apply_state_dict, read_state_dict
+
+Triple = tuple[float, float, float]
+
+
+class _Source(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mean: Triple | None = Field(None, description="input normalisation mean (overrides the model's)")
+    std: Triple | None = None
+
+
+class TimmSource(_Source):
+    source: Literal["timm"]
+    name: str | None = Field(None, description="a timm model name, e.g. deit_tiny_patch16_224")
+    architecture: Literal["VisionTransformer", "VisionTransformerDistilled"] | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: Path | None = None
+    pretrained: bool = False
+
+    @model_validator(mode="after")
+    def _name_or_architecture(self) -> TimmSource:
+        if (self.name is None) == (self.architecture is None):
+            raise ValueError("give exactly one of `name` (a timm model name) or `architecture`")
+        if self.pretrained and self.checkpoint:
+            raise ValueError("give `pretrained: true` or a `checkpoint`, not both")
+        return self
+
+
+class HFSource(_Source):
+    source: Literal["hf"]
+    path: Path = Field(description="a local directory saved with save_pretrained()")
+
+
+class SavedSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["edgevit"]
+    path: Path = Field(description="a stage directory of an earlier run (graph.json + weights)")
+
+
+class BuiltinSource(_Source):
+    source: Literal["builtin"]
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: Path | None = None
+
+
+ModelSource = Annotated[TimmSource | HFSource | SavedSource | BuiltinSource, Field(discriminator="source")]
+
+
+def load_model(cfg: TimmSource | HFSource | SavedSource | BuiltinSource, registry: Any = None) -> ModelGraph:
+    if isinstance(cfg, SavedSource):
+        return ModelGraph.load(cfg.path, registry)
+    if isinstance(cfg, TimmSource):
+        return _load_timm(cfg, registry)
+    if isinstance(cfg, HFSource):
+        return _load_hf(cfg, registry)
+    from edgevit.models.simple_vit import SimpleViT
+
+    try:
+        module = SimpleViT(**cfg.kwargs)
+    except (TypeError, ValueError) as e:
+        raise EdgeVitError(f"model.kwargs: {e}") from e
+    if cfg.checkpoint:
+        apply_state_dict(module, read_state_dict(cfg.checkpoint), str(cfg.checkpoint))
+    return ModelGraph.from_module(module.eval(), {"kwargs": cfg.kwargs}, mean=cfg.mean, std=cfg.std, registry=registry)
+
+
+def _load_timm(cfg: TimmSource, registry: Any) -> ModelGraph:
+    import timm
+
+    build: dict[str, Any] = {"kwargs": cfg.kwargs}
+    try:
+        if cfg.name:
+            if not timm.is_model(cfg.name.split(".")[0]):
+                raise EdgeVitError(f"model.name: timm has no model named {cfg.name!r}")
+            build["name"] = cfg.name
+            module = timm.create_model(cfg.name, pretrained=cfg.pretrained, **cfg.kwargs)
+        else:
+            build["architecture"] = cfg.architecture
+            from edgevit.graph.adapters.timm_vit import TimmViTAdapter
+
+            module = TimmViTAdapter().build(build)
+    except EdgeVitError:
+        raise
+    except TypeError as e:
+        raise EdgeVitError(f"model.kwargs: {e}") from e
+    except Exception as e:
+        if cfg.pretrained:
+            raise EdgeVitError(
+                f"model.pretrained: could not fetch pretrained weights for {cfg.name} "
+                f"({type(e).__name__}); offline, download them elsewhere and set "
+                "model.checkpoint: path/to/weights.safetensors with pretrained: false"
+            ) from e
+        raise EdgeVitError(f"model: timm could not build the model: {e}") from e
+    if cfg.checkpoint:
+        apply_state_dict(module, read_state_dict(cfg.checkpoint), str(cfg.checkpoint))
+    return ModelGraph.from_module(module.eval(), build, mean=cfg.mean, std=cfg.std, registry=registry)
+
+
+def _load_hf(cfg: HFSource, registry: Any) -> ModelGraph:
+    from edgevit.graph.adapters.hf_vit import HFImageClassifier, require_transformers
+
+    transformers = require_transformers()
+    if not (cfg.path / "config.json").is_file():
+        raise EdgeVitError(f"model.path: {cfg.path} is not a Hugging Face model directory (no config.json)")
+    try:
+        hf = transformers.AutoModelForImageClassification.from_pretrained(
+            str(cfg.path), local_files_only=True, use_safetensors=True
+        )
+    except (OSError, ValueError) as e:
+        raise EdgeVitError(f"model.path: cannot load {cfg.path}: {str(e).splitlines()[0]}") from e
+    mean, std = cfg.mean, cfg.std
+    pre = cfg.path / "preprocessor_config.json"
+    if pre.is_file() and mean is None:
+        p = json.loads(pre.read_text())
+        mean, std = p.get("image_mean"), p.get("image_std")
+    return ModelGraph.from_module(
+        HFImageClassifier(hf).eval(), {"config": hf.config.to_dict()}, mean=mean, std=std, registry=registry
+    )

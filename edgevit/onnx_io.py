@@ -1,0 +1,82 @@
+"""ONNX: export a graph, open an ONNX Runtime session, run it on data."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from edgevit.fileio import atomic_path
+from edgevit.graph import ModelGraph
+
+INPUT, OUTPUT = "input", "logits"
+
+
+def export_onnx(graph: ModelGraph, path: Path, opset: int = 17, dynamic_batch: bool = True, batch: int = 1) -> None:
+    """Export with the TorchScript-based exporter: it writes any opset down to 11, which
+    TensorRT 8.2 (opset <= 13) needs; the dynamo exporter starts at opset 18."""
+    import onnx
+
+    h, w = graph.spec.img_size
+    dummy = torch.zeros(batch, graph.spec.in_chans, h, w)
+    axes = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}} if dynamic_batch else None
+    with graph.export_mode() as module, atomic_path(Path(path)) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module.cpu()
+        torch.onnx.export(module, (dummy,), str(tmp), opset_version=opset, dynamo=False,
+                          input_names=[INPUT], output_names=[OUTPUT], dynamic_axes=axes,
+                          do_constant_folding=True)
+        onnx.checker.check_model(str(tmp), full_check=True)
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+def providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def session(path: Path, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=providers())
+
+
+def run_batches(sess: Any, images: np.ndarray) -> np.ndarray:
+    """Logits for ``images``; honours a fixed batch size in the model's input shape."""
+    fixed = sess.get_inputs()[0].shape[0]
+    if not isinstance(fixed, int) or fixed == len(images):
+        return sess.run([OUTPUT], {INPUT: images})[0]
+    outs = []
+    for i in range(0, len(images), fixed):
+        chunk = images[i : i + fixed]
+        pad = fixed - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+        outs.append(sess.run([OUTPUT], {INPUT: chunk})[0][: fixed - pad])
+    return np.concatenate(outs)
+
+
+def top1(sess: Any, loader: DataLoader) -> float:
+    correct = total = 0
+    for images, labels in loader:
+        pred = run_batches(sess, images.numpy().astype(np.float32)).argmax(-1)
+        correct += int((pred == labels.numpy()).sum())
+        total += len(labels)
+    return 100.0 * correct / max(total, 1)

@@ -1,0 +1,55 @@
+"""export: ONNX with a parity check against the torch model on real inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from edgevit.context import RunContext
+from edgevit.errors import EdgeVitError
+from edgevit.graph import ModelGraph
+from edgevit.onnx_io import export_onnx, op_counts, run_batches, session
+from edgevit.passes.base import Pass, PassConfig
+
+
+class ExportConfig(PassConfig):
+    opset: int = Field(17, ge=11, le=21, description="ONNX opset (TensorRT 8.2 on Jetson Nano reads <= 13)")
+    dynamic_batch: bool = Field(True, description="batch axis left symbolic; false fixes it to 1")
+    parity_samples: int = Field(64, ge=1, description="validation images compared torch vs ONNX Runtime")
+    atol: float = Field(1e-3, gt=0, description="largest allowed |logit difference|")
+    min_agreement: float = Field(0.99, ge=0, le=1, description="smallest allowed top-1 agreement")
+
+
+class ExportPass(Pass):
+    name = "export"
+    Config = ExportConfig
+    summary = "ONNX export (chosen opset), onnx.checker, parity vs torch on real images"
+    modifies_weights = False
+
+    def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
+        cfg: ExportConfig = self.config  # type: ignore[assignment]
+        path = ctx.stage_dir / "model.onnx"
+        export_onnx(graph, path, opset=cfg.opset, dynamic_batch=cfg.dynamic_batch)
+        images, _ = ctx.data.sample(cfg.parity_samples, ctx.seed, "val")
+        with torch.no_grad():
+            ref = graph.module.cpu().eval()(images).numpy()
+        got = run_batches(session(path), images.numpy())
+        diff = float(np.abs(ref - got).max())
+        agree = float((ref.argmax(-1) == got.argmax(-1)).mean())
+        self.metrics = {
+            "opset": cfg.opset,
+            "onnx_bytes": path.stat().st_size,
+            "parity_max_abs_diff": diff,
+            "parity_top1_agreement": agree,
+            "parity_samples": len(images),
+            "ops": op_counts(path),
+        }
+        if diff > cfg.atol or agree < cfg.min_agreement:
+            raise EdgeVitError(
+                f"export: ONNX output differs from torch (max |diff| {diff:.2e} > atol {cfg.atol:g} or "
+                f"top-1 agreement {agree:.3f} < {cfg.min_agreement}); raise passes.export.atol only if "
+                "that difference is acceptable"
+            )
+        graph.artifacts["onnx"] = path
+        return graph

@@ -1,0 +1,1 @@
+"""Recipes shipped inside the package (the embedded demo)."""

@@ -1,0 +1,105 @@
+"""The one registry: built-in passes and model adapters, plus third-party ones from entry points.
+
+A plugin package adds a pass by declaring, in its own pyproject.toml::
+
+    [project.entry-points."edgevit.passes"]
+    mypass = "mypkg.passes:MyPass"
+
+Built-ins are named here as import strings so that listing them imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+from edgevit.errors import EdgeVitError, did_you_mean
+
+BUILTINS: dict[str, dict[str, str]] = {
+    "passes": {
+        "adapt": "edgevit.passes.adapt:AdaptPass",
+        "export": "edgevit.passes.export:ExportPass",
+        "benchmark": "edgevit.passes.benchmark:BenchmarkPass",
+    },
+    "adapters": {
+        "timm": "edgevit.graph.adapters.timm_vit:TimmViTAdapter",
+        "hf": "edgevit.graph.adapters.hf_vit:HFViTAdapter",
+        "builtin": "edgevit.graph.adapters.builtin_vit:BuiltinViTAdapter",
+    },
+}
+GROUP_LABEL = {"passes": "pass", "adapters": "model adapter"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    target: str  # "module:attribute"
+    origin: str  # "edgevit" or the distribution that provides the plugin
+
+
+def _load(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class Registry:
+    """Name → class for each group; plugins come from the ``edgevit.<group>`` entry points."""
+
+    def __init__(self, plugins: bool = True) -> None:
+        self._entries: dict[str, dict[str, Entry]] = {}
+        for group, builtins in BUILTINS.items():
+            entries = {n: Entry(n, t, "edgevit") for n, t in builtins.items()}
+            if plugins:
+                for ep in entry_points(group=f"edgevit.{group}"):
+                    origin = ep.dist.name if ep.dist is not None else "plugin"
+                    if ep.name in entries and entries[ep.name].target != ep.value:
+                        raise EdgeVitError(
+                            f"plugin {origin} registers {GROUP_LABEL[group]} '{ep.name}', a name "
+                            f"{entries[ep.name].origin} already uses; rename it in {origin}'s entry points"
+                        )
+                    entries[ep.name] = Entry(ep.name, ep.value, origin)
+            self._entries[group] = entries
+
+    def names(self, group: str) -> list[str]:
+        return sorted(self._entries[group])
+
+    def entries(self, group: str) -> list[Entry]:
+        return [self._entries[group][n] for n in self.names(group)]
+
+    def get(self, group: str, name: str, where: str = "") -> Any:
+        entries = self._entries[group]
+        if name not in entries:
+            label = GROUP_LABEL[group]
+            prefix = f"{where}: " if where else ""
+            raise EdgeVitError(
+                f"{prefix}unknown {label} '{name}'{did_you_mean(name, entries)}; "
+                f"available: {', '.join(sorted(entries))}"
+            )
+        entry = entries[name]
+        try:
+            return _load(entry.target)
+        except (ImportError, AttributeError) as e:
+            raise EdgeVitError(
+                f"{GROUP_LABEL[group]} '{name}' from {entry.origin} cannot be loaded ({entry.target}): {e}"
+            ) from e
+
+    def adapter_for(self, module: Any) -> Any:
+        """An instance of the first adapter that understands ``module``; else a clear error."""
+        supported = []
+        for name in self.names("adapters"):
+            cls = self.get("adapters", name)
+            supported.append(cls.supports)
+            try:
+                if cls.matches(module):
+                    return cls()
+            except ImportError:  # the adapter's library is not installed: it cannot match
+                continue
+        raise EdgeVitError(
+            f"model: {type(module).__name__} is not a supported Vision Transformer; "
+            f"edgevit supports {', '.join(supported)}"
+        )
+
+    def adapter(self, name: str) -> Any:
+        return self.get("adapters", name)()

@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny models of every supported family, and a tiny recipe on digits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+TIMM_KWARGS = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # no model hub in tests: fail fast instead of retrying a network that is not there
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+
+
+def _timm_vit():
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer(**TIMM_KWARGS), {"architecture": "VisionTransformer", "kwargs": TIMM_KWARGS}
+
+
+def _timm_deit_distilled():
+    from timm.models.deit import VisionTransformerDistilled
+    kw = dict(TIMM_KWARGS, qkv_bias=False)
+    return VisionTransformerDistilled(**kw), {"architecture": "VisionTransformerDistilled", "kwargs": kw}
+
+
+def _timm_no_cls():
+    from timm.models.vision_transformer import VisionTransformer
+    kw = dict(TIMM_KWARGS, class_token=False, global_pool="avg")
+    return VisionTransformer(**kw), {"architecture": "VisionTransformer", "kwargs": kw}
+
+
+def _builtin():
+    from edgevit.models.simple_vit import SimpleViT
+    kw = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=2, num_heads=4)
+    return SimpleViT(**kw), {"kwargs": kw}
+
+
+def _hf():
+    pytest.importorskip("transformers", reason="transformers not installed (extra 'hf')")
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from edgevit.graph.adapters.hf_vit import HFImageClassifier
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, num_labels=5)
+    model = HFImageClassifier(ViTForImageClassification(cfg))
+    return model, {"config": cfg.to_dict()}
+
+
+MODEL_FACTORIES: dict[str, Callable] = {
+    "timm": _timm_vit,
+    "timm_deit_distilled": _timm_deit_distilled,
+    "timm_no_cls_token": _timm_no_cls,
+    "builtin": _builtin,
+    "hf": _hf,
+}
+
+
+@pytest.fixture(params=list(MODEL_FACTORIES))
+def tiny_graph(request: pytest.FixtureRequest):
+    """A ModelGraph of each supported family, in eval mode, with non-trivial weights."""
+    from edgevit.graph import ModelGraph
+
+    module, build = MODEL_FACTORIES[request.param]()
+    with torch.no_grad():  # randomise everything (incl. zero-initialised tokens) so tests can fail
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return ModelGraph.from_module(module.eval(), build)
+
+
+def tiny_recipe_data(**overrides) -> dict:
+    """A recipe that runs every built-in pass on a slice of digits in seconds."""
+    data = {
+        "name": "tiny",
+        "seed": 0,
+        "device": "cpu",
+        "model": {"source": "builtin", "kwargs": {"img_size": 16, "patch_size": 4, "num_classes": 10,
+                                                   "embed_dim": 32, "depth": 2, "num_heads": 2}},
+        "data": {"source": "digits", "batch_size": 32, "limit_train": 640, "limit_val": 96},
+        "calibration": {"num_samples": 16},
+        "passes": [
+            {"adapt": {"epochs": 4, "lr": 0.003, "warmup_epochs": 0}},
+            {"export": {"opset": 13, "parity_samples": 16}},
+            {"benchmark": {"runs": 3, "warmup": 1, "throughput_batch": 4}},
+        ],
+    }
+    data.update(overrides)
+    return data
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path) -> Callable[..., Path]:
+    def write(data: dict | None = None, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data or tiny_recipe_data()))
+        return path
+    return write
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real ``edgevit`` console entry point in a fresh process."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "edgevit.cli.main", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout, check=False)

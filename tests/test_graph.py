@@ -1,0 +1,143 @@
+"""The shared model graph: spec extraction, structural edits, cost, save/load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from edgevit.errors import EdgeVitError
+from edgevit.graph import ModelGraph
+
+X = torch.randn(3, 3, 32, 32)
+
+
+def logits(graph: ModelGraph, x: torch.Tensor = X) -> torch.Tensor:
+    with torch.no_grad():
+        return graph.module.eval()(x)
+
+
+def test_spec_of_each_family(tiny_graph: ModelGraph) -> None:
+    s = tiny_graph.spec
+    assert (s.embed_dim, s.img_size, s.patch_size, s.in_chans, s.num_classes) == (32, (32, 32), (8, 8), 3, 5)
+    assert s.depth == 2 and s.num_patches == 16
+    for b in s.blocks:
+        assert (b.attn.num_heads, b.attn.head_dim, b.mlp.hidden) == (4, 8, 64)
+        for path in [*b.attn.input_projections(), b.attn.proj, b.mlp.fc1, b.mlp.fc2]:
+            assert isinstance(tiny_graph.module.get_submodule(path), torch.nn.Linear)
+    family = s.family
+    if family == "timm" and s.pool == "avg":
+        assert s.num_prefix_tokens == 0 and s.heads == ["head"]
+    elif family == "timm" and len(s.heads) == 2:  # distilled DeiT: class + distillation token
+        assert s.num_prefix_tokens == 2 and s.heads == ["head", "head_dist"]
+        assert tiny_graph.module.get_submodule(s.blocks[0].attn.qkv).bias is None
+    else:
+        assert s.num_prefix_tokens == 1
+    assert s.blocks[0].attn.fused == (family == "timm")
+
+
+def test_spec_of_hf_reads_separate_qkv(tiny_graph: ModelGraph) -> None:
+    if tiny_graph.spec.family != "hf":
+        pytest.skip("HF-specific")
+    a = tiny_graph.spec.blocks[1].attn
+    assert a.q.endswith("q_proj") or a.q.endswith("attention.query")
+    assert tiny_graph.spec.heads == ["model.classifier"]
+
+
+def test_unsupported_model_is_a_clear_error() -> None:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten())
+    with pytest.raises(EdgeVitError, match="not a supported Vision Transformer.*timm VisionTransformer"):
+        ModelGraph.from_module(net)
+
+
+def test_keep_everything_is_identity(tiny_graph: ModelGraph) -> None:
+    before = logits(tiny_graph)
+    for b in tiny_graph.spec.blocks:
+        tiny_graph.keep_heads(b.index, range(b.attn.num_heads))
+        tiny_graph.keep_mlp_units(b.index, list(reversed(range(b.mlp.hidden))))
+    assert torch.equal(before, logits(tiny_graph))
+
+
+def test_removing_zeroed_head_and_unit_keeps_outputs(tiny_graph: ModelGraph) -> None:
+    g = tiny_graph
+    a, m = g.spec.blocks[0].attn, g.spec.blocks[1].mlp
+    with torch.no_grad():
+        g.module.get_submodule(a.proj).weight[:, 2 * a.head_dim : 3 * a.head_dim] = 0  # head 2 contributes nothing
+        g.module.get_submodule(m.fc2).weight[:, [5, 17]] = 0  # units 5 and 17 contribute nothing
+    before = logits(g)
+    g.keep_heads(0, [0, 1, 3])
+    g.keep_mlp_units(1, [u for u in range(m.hidden) if u not in (5, 17)])
+    after = logits(g)
+    assert torch.allclose(before, after, atol=1e-5), (before - after).abs().max()
+    assert g.spec.blocks[0].attn.num_heads == 3 and g.spec.blocks[1].mlp.hidden == 62
+    qkv_rows = sum(g.module.get_submodule(p).out_features for p in g.spec.blocks[0].attn.input_projections())
+    assert qkv_rows == 3 * 3 * a.head_dim  # q, k, v of three heads: the weights really shrank
+    assert g.module.get_submodule(a.proj).in_features == 3 * a.head_dim
+    assert g.cost().params == g.num_params()
+
+
+def test_removing_a_live_head_changes_outputs(tiny_graph: ModelGraph) -> None:
+    before = logits(tiny_graph)
+    tiny_graph.keep_heads(0, [0, 1])
+    assert not torch.allclose(before, logits(tiny_graph), atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [[], [0, 0], [4], [-1]])
+def test_keep_heads_rejects_bad_indices(tiny_graph: ModelGraph, bad: list[int]) -> None:
+    with pytest.raises(ValueError):
+        tiny_graph.keep_heads(0, bad)
+
+
+def test_cost_matches_torch_flop_counter(tiny_graph: ModelGraph) -> None:
+    g = tiny_graph
+    g.keep_heads(1, [1, 2])
+    g.keep_mlp_units(0, range(40))
+    cost = g.cost(batch=3)
+    with g.export_mode() as module, FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(X)  # export mode: explicit matmuls, which the counter sees (SDPA on CPU it does not)
+    assert cost.macs == counter.get_total_flops() // 2
+    assert cost.params == g.num_params()
+    assert cost.flops > 2 * cost.macs  # element-wise work is counted too
+    attn = [x for x in cost.layers if x.kind == "attention"]
+    assert attn[1].scratch_bytes == 3 * 2 * g.spec.num_tokens**2 * 4  # batch x heads x N x N fp32
+
+
+def test_save_load_in_fresh_process(tiny_graph: ModelGraph, tmp_path) -> None:
+    g = tiny_graph
+    g.keep_heads(0, [1, 3])
+    g.keep_mlp_units(1, range(0, 64, 3))
+    g.save(tmp_path / "stage")
+    torch.save(X, tmp_path / "x.pt")
+    ref = logits(g)
+    code = (
+        "import sys, torch\n"
+        "from edgevit.graph import ModelGraph\n"
+        f"g = ModelGraph.load({str(tmp_path / 'stage')!r})\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
+        "with torch.no_grad(): y = g.module(x)\n"
+        f"torch.save(y, {str(tmp_path / 'y.pt')!r})\n"
+        "print(g.spec.blocks[0].attn.num_heads, g.spec.blocks[1].mlp.hidden)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["2", "22"]
+    assert torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), ref)
+
+
+def test_load_refuses_mismatched_weights(tiny_graph: ModelGraph, tmp_path) -> None:
+    g = tiny_graph
+    g.save(tmp_path / "a")
+    g.keep_heads(0, [0])
+    g.save(tmp_path / "b")
+    (tmp_path / "a" / "model.safetensors").replace(tmp_path / "b" / "model.safetensors")
+    with pytest.raises(EdgeVitError, match="does not fit this model.*shape"):
+        ModelGraph.load(tmp_path / "b")
+
+
+def test_reset_classifier_survives_save_load(tiny_graph: ModelGraph, tmp_path) -> None:
+    tiny_graph.reset_classifier(7)
+    assert logits(tiny_graph).shape == (3, 7)
+    tiny_graph.save(tmp_path / "s")
+    assert logits(ModelGraph.load(tmp_path / "s")).shape == (3, 7)

@@ -1,0 +1,141 @@
+"""The pipeline end to end: stage dirs, report, resume after the last finished stage."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from edgevit.pipeline import Pipeline
+from edgevit.recipe import parse_recipe
+from edgevit.registry import Registry
+from tests.conftest import run_cli, tiny_recipe_data
+
+STAGES = ["00-source", "01-adapt", "02-export", "03-benchmark"]
+
+
+def run_pipeline(data: dict, out: Path) -> tuple[dict, str]:
+    reg = Registry()
+    recipe, steps = parse_recipe(data, out.parent, reg)
+    buf = io.StringIO()
+    report = Pipeline(recipe, steps, out, reg, Console(file=buf, width=200)).run()
+    return report, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
+    tmp = tmp_path_factory.mktemp("cli")
+    recipe = tmp / "recipe.yaml"
+    import yaml
+
+    recipe.write_text(yaml.safe_dump(tiny_recipe_data()))
+    out = tmp / "run"
+    res = run_cli("compress", str(recipe), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    return recipe, out, res
+
+
+def test_compress_writes_stages_and_report(cli_run) -> None:
+    _, out, res = cli_run
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == STAGES
+    for stage in STAGES:
+        assert (out / stage / "graph.json").is_file() and (out / stage / "metrics.json").is_file()
+    assert (out / "01-adapt" / "model.safetensors").is_file()
+    graph = json.loads((out / "02-export" / "graph.json").read_text())
+    assert graph["weights"] == "../01-adapt/model.safetensors"  # export did not copy the weights
+    assert (out / "02-export" / "model.onnx").is_file()
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["stage"]: r for r in report["stages"]}
+    assert list(rows) == STAGES[:3]
+    for r in rows.values():
+        assert set(r) >= {"name", "top1", "params", "flops", "size_bytes", "latency_ms", "throughput_ips", "predicted"}
+        assert set(r["latency_ms"]) == {"median", "p90", "p99"}
+        assert 0 < r["latency_ms"]["median"] <= r["latency_ms"]["p90"] <= r["latency_ms"]["p99"]
+        assert r["params"] > 0 and r["flops"] > 0 and r["throughput_ips"] > 0 and r["peak_mem_mb"] > 0
+    assert rows["01-adapt"]["top1"] > rows["00-source"]["top1"]  # training helped
+    assert abs(rows["01-adapt"]["top1"] - rows["02-export"]["top1"]) <= 1.1  # torch vs ONNX Runtime
+    assert rows["02-export"]["size_bytes"] == (out / "02-export" / "model.onnx").stat().st_size
+    md = (out / "report.md").read_text()
+    assert "| 01-adapt |" in md
+    assert "01-adapt" in res.stdout and "top-1" in res.stdout  # the CLI ends with the table
+
+
+def test_rerun_skips_finished_stages(cli_run) -> None:
+    recipe, out, _ = cli_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent != out}
+    res = run_cli("compress", str(recipe), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("reused") == 4
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent != out}
+    assert before == after
+
+
+def test_changed_config_reruns_from_that_stage(cli_run) -> None:
+    recipe, out, _ = cli_run
+    adapt_mtime = (out / "01-adapt" / "model.safetensors").stat().st_mtime_ns
+    res = run_cli("compress", str(recipe), "--out", str(out), "--set", "passes.export.opset=17")
+    assert res.returncode == 0, res.stderr
+    assert "00-source: unchanged" in res.stderr and "01-adapt: unchanged" in res.stderr
+    assert "▶ 02-export" in res.stderr and "▶ 03-benchmark" in res.stderr
+    assert (out / "01-adapt" / "model.safetensors").stat().st_mtime_ns == adapt_mtime
+    assert json.loads((out / "02-export" / "metrics.json").read_text())["metrics"]["opset"] == 17
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch) -> None:
+    data = tiny_recipe_data(passes=[{"adapt": {"epochs": 3, "lr": 0.002, "warmup_epochs": 0}}])
+    run_pipeline(data, tmp_path / "straight")
+
+    import edgevit.training.loop as loop
+
+    real_save = loop._save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        if args[5] == 0:  # epoch index: crash right after the first epoch's checkpoint
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(data, tmp_path / "crashed")
+    assert (tmp_path / "crashed" / ".01-adapt.partial" / "checkpoint" / "trainer.json").is_file()
+    assert not (tmp_path / "crashed" / "01-adapt").exists()
+    monkeypatch.setattr(loop, "_save_checkpoint", real_save)
+    _, log = run_pipeline(data, tmp_path / "crashed")
+    assert "00-source: unchanged" in log and "resuming adapt after epoch 1" in log
+    a = load_file(str(tmp_path / "straight" / "01-adapt" / "model.safetensors"))
+    b = load_file(str(tmp_path / "crashed" / "01-adapt" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "crashed" / ".01-adapt.partial").exists()
+    m = json.loads((tmp_path / "crashed" / "01-adapt" / "metrics.json").read_text())
+    assert [e["epoch"] for e in m["metrics"]["log"]] == [1, 2, 3]
+
+
+def test_input_checkpoint_is_never_modified(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from edgevit.models.simple_vit import SimpleViT
+
+    kwargs = tiny_recipe_data()["model"]["kwargs"]
+    ckpt = tmp_path / "input.safetensors"
+    save_file(SimpleViT(**kwargs).state_dict(), str(ckpt))
+    before = ckpt.read_bytes()
+    data = tiny_recipe_data(passes=[{"adapt": {"epochs": 1}}])
+    data["model"]["checkpoint"] = str(ckpt)
+    run_pipeline(data, tmp_path / "run")
+    assert ckpt.read_bytes() == before
+    trained = load_file(str(tmp_path / "run" / "01-adapt" / "model.safetensors"))
+    assert not torch.equal(trained["head.weight"], load_file(str(ckpt))["head.weight"])
+
+
+def test_no_resume_reruns_everything(tmp_path) -> None:
+    data = tiny_recipe_data(passes=[{"export": {"opset": 13, "parity_samples": 8}}])
+    run_pipeline(data, tmp_path / "run")
+    recipe, steps = parse_recipe(data, tmp_path, Registry())
+    buf = io.StringIO()
+    Pipeline(recipe, steps, tmp_path / "run", Registry(), Console(file=buf), resume=False).run()
+    assert "reused" not in buf.getvalue()
