@@ -75,6 +75,7 @@ class Pipeline:
         source = load_model(r.model, self.registry)
         data = build_data(r.data, source.spec, r.seed)
         self._check_classes(source, data.num_classes)
+        self.console.print(f"edgevit compress: recipe [bold]{r.name}[/bold] → {self.run_dir}")
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         manifest_path = self.run_dir / "manifest.json"

@@ -80,9 +80,10 @@ class Registry:
         entry = entries[name]
         try:
             return _load(entry.target)
-        except (ImportError, AttributeError) as e:
+        except Exception as e:  # a broken plugin must not break every command with a traceback
             raise EdgeVitError(
-                f"{GROUP_LABEL[group]} '{name}' from {entry.origin} cannot be loaded ({entry.target}): {e}"
+                f"{GROUP_LABEL[group]} '{name}' from {entry.origin} cannot be loaded ({entry.target}): "
+                f"{type(e).__name__}: {e}"
             ) from e
 
     def adapter_for(self, module: Any) -> Any:

@@ -26,7 +26,6 @@ def compress(
     registry = Registry()
     rec, steps = load_recipe(recipe, overrides, registry)
     run_dir = out or Path("runs") / rec.name
-    console.print(f"edgevit compress: recipe [bold]{rec.name}[/bold] → {run_dir}")
     report = Pipeline(rec, steps, run_dir, registry, console, resume=not no_resume).run()
     head, rows = table_rows(report)
     table = Table(title=f"{rec.name}: one row per stage", title_justify="left")

@@ -105,7 +105,10 @@ def _image_folder(root: Path, where: str, transform, to_rgb: bool):  # noqa: ANN
 
     if not root.is_dir():
         raise EdgeVitError(f"{where}: directory not found: {root}")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    try:
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    except OSError as e:
+        raise EdgeVitError(f"{where}: cannot read directory {root}: {e.strerror or e}") from e
     if not classes:
         raise EdgeVitError(f"{where}: no class folders in {root}; expected ImageFolder layout root/<class>/<image>")
 
@@ -123,6 +126,8 @@ def _image_folder(root: Path, where: str, transform, to_rgb: bool):  # noqa: ANN
                          is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
     except FileNotFoundError as e:
         raise EdgeVitError(f"{where}: no images found in {root} (extensions {', '.join(IMAGE_EXTENSIONS)})") from e
+    except OSError as e:
+        raise EdgeVitError(f"{where}: cannot read {root}: {e.strerror or e}") from e
     # read the first image of every class now, so a bad data set fails before any stage runs
     seen: set[int] = set()
     for path, label in ds.samples:

@@ -8,11 +8,11 @@ from pydantic import Field
 
 from edgevit.context import RunContext
 from edgevit.graph import ModelGraph
-from edgevit.passes.base import Pass
+from edgevit.passes.base import Pass, PassConfig
 from edgevit.training.loop import CrossEntropyObjective, TrainConfig, train
 
 
-class AdaptConfig(TrainConfig):
+class AdaptConfig(PassConfig, TrainConfig):
     tuner: Literal["full"] = Field("full", description="which parameters train (more tuners later)")
     reset_head: bool | None = Field(
         None, description="new classifier head; default: only when the data's class count differs"

@@ -1,0 +1,198 @@
+"""The pass registry: built-ins, third-party passes from the ``edgevit.passes`` entry points.
+
+Plugins here are real distributions: a package and a ``*.dist-info`` with ``entry_points.txt``
+written under tmp_path and put on ``sys.path`` (in-process) or ``PYTHONPATH`` (subprocess).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from edgevit.errors import EdgeVitError
+from edgevit.passes.base import Pass, PassConfig
+from edgevit.registry import BUILTINS, Registry
+from tests.conftest import run_cli, tiny_recipe_data
+
+PLUGIN_SOURCE = '''
+"""A third-party pass for the registry tests."""
+
+from pydantic import Field
+
+from edgevit.passes.base import Pass, PassConfig
+
+
+class DemoConfig(PassConfig):
+    factor: int = Field(2, ge=1)
+
+
+class DemoPass(Pass):
+    name = "plugindemo"
+    Config = DemoConfig
+    summary = "a demo plugin pass that only measures"
+    modifies_weights = False
+
+    def run(self, graph, ctx):
+        (ctx.stage_dir / "demo.txt").write_text("written by the demo plugin")
+        self.metrics = {
+            "demo_params_times_factor": graph.num_params() * self.config.factor,
+            "demo_stage_dir": ctx.stage_dir.name,
+            "demo_previous_stages": [s.dir.name for s in ctx.stages],
+        }
+        return graph
+'''
+
+
+def make_dist(root: Path, dist: str, entry_points: dict[str, str], source: str | None = None) -> Path:
+    """A minimal installed distribution ``dist`` under ``root``: a package and its dist-info."""
+    if source is not None:
+        pkg = root / dist
+        pkg.mkdir(parents=True)
+        (pkg / "__init__.py").write_text(source)
+    info = root / f"{dist}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[edgevit.passes]\n{lines}")
+    return root
+
+
+@pytest.fixture
+def demo_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = make_dist(tmp_path / "site", "edgevit_plugin_demo",
+                     {"plugindemo": "edgevit_plugin_demo:DemoPass"}, PLUGIN_SOURCE)
+    monkeypatch.syspath_prepend(str(root))
+    yield root
+    sys.modules.pop("edgevit_plugin_demo", None)
+
+
+# built-ins ------------------------------------------------------------------------------------
+def test_builtins_without_plugins() -> None:
+    reg = Registry(plugins=False)
+    assert reg.names("passes") == sorted(BUILTINS["passes"])
+    for name in reg.names("passes"):
+        cls = reg.get("passes", name)
+        assert issubclass(cls, Pass) and cls.name == name
+        # the contract that matters: every pass config refuses unknown keys
+        assert issubclass(cls.Config, BaseModel) and cls.Config.model_config.get("extra") == "forbid"
+    assert {e.origin for e in reg.entries("passes")} == {"edgevit"}
+
+
+def test_unknown_pass_lists_available() -> None:
+    reg = Registry()
+    with pytest.raises(EdgeVitError) as exc:
+        reg.get("passes", "nope")
+    msg = str(exc.value)
+    assert "unknown pass 'nope'" in msg
+    assert f"available: {', '.join(reg.names('passes'))}" in msg
+    assert "did you mean" not in msg
+
+
+def test_unknown_pass_suggests_close_name() -> None:
+    with pytest.raises(EdgeVitError, match=r"passes\[3\]: unknown pass 'adpat' \(did you mean 'adapt'\?\)"):
+        Registry().get("passes", "adpat", where="passes[3]")
+
+
+# plugins --------------------------------------------------------------------------------------
+def test_plugin_is_listed_and_loaded(demo_plugin: Path) -> None:
+    reg = Registry()
+    assert "plugindemo" in reg.names("passes")
+    assert set(BUILTINS["passes"]) <= set(reg.names("passes"))
+    cls = reg.get("passes", "plugindemo")
+    import edgevit_plugin_demo
+
+    assert cls is edgevit_plugin_demo.DemoPass
+    assert issubclass(cls, Pass) and cls.name == "plugindemo" and not cls.modifies_weights
+    assert issubclass(cls.Config, PassConfig)
+    entry = {e.name: e for e in reg.entries("passes")}["plugindemo"]
+    assert entry.origin == "edgevit_plugin_demo"
+    assert entry.target == "edgevit_plugin_demo:DemoPass"
+    # a registry that ignores plugins does not see it
+    assert "plugindemo" not in Registry(plugins=False).names("passes")
+
+
+def test_plugin_is_invisible_without_its_dist(tmp_path: Path) -> None:
+    assert "plugindemo" not in Registry().names("passes")
+
+
+def test_plugin_claiming_a_builtin_name(demo_plugin: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    clash = make_dist(tmp_path / "clash", "edgevit_plugin_clash",
+                      {"adapt": "edgevit_plugin_clash:MyAdapt"}, "class MyAdapt: ...\n")
+    monkeypatch.syspath_prepend(str(clash))
+    with pytest.raises(EdgeVitError) as exc:
+        Registry()
+    msg = str(exc.value)
+    assert "edgevit_plugin_clash" in msg and "'adapt'" in msg and "edgevit" in msg
+    # without plugins the built-ins still work
+    assert Registry(plugins=False).get("passes", "adapt").name == "adapt"
+
+
+def test_plugin_with_broken_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_dist(tmp_path / "broken", "edgevit_plugin_broken",
+                     {"brokenpass": "edgevit_plugin_broken:Missing"}, "X = 1\n")
+    monkeypatch.syspath_prepend(str(root))
+    reg = Registry()
+    assert "brokenpass" in reg.names("passes")
+    with pytest.raises(EdgeVitError, match=r"pass 'brokenpass' from edgevit_plugin_broken cannot be loaded"):
+        reg.get("passes", "brokenpass")
+    sys.modules.pop("edgevit_plugin_broken", None)
+
+
+def test_plugin_config_is_validated(demo_plugin: Path) -> None:
+    from edgevit.recipe import parse_recipe
+
+    data = tiny_recipe_data(passes=[{"plugindemo": {"factr": 3}}])
+    with pytest.raises(EdgeVitError, match=r"passes\[0\]\.plugindemo\.factr: unknown key \(did you mean 'factor'"):
+        parse_recipe(data, demo_plugin, Registry())
+    data = tiny_recipe_data(passes=[{"plugindemo": {"factor": 3}}])
+    _, steps = parse_recipe(data, demo_plugin, Registry())
+    assert steps[0].name == "plugindemo" and steps[0].config.factor == 3
+
+
+def _with_pythonpath(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    old = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), *([old] if old else [])]))
+
+
+def test_passes_command_lists_plugin(demo_plugin: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _with_pythonpath(monkeypatch, demo_plugin)
+    res = run_cli("passes")
+    assert res.returncode == 0, res.stderr
+    assert "plugindemo" in res.stdout and "edgevit_plugin_demo" in res.stdout
+    assert "factor" in res.stdout
+
+
+def test_plugin_pass_runs_in_pipeline(demo_plugin: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    _with_pythonpath(monkeypatch, demo_plugin)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_data(passes=[
+        {"adapt": {"epochs": 1, "lr": 0.002, "warmup_epochs": 0}},
+        {"plugindemo": {"factor": 3}},
+    ])))
+    out = tmp_path / "run"
+    res = run_cli("compress", str(recipe), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+
+    stage = out / "02-plugindemo"
+    assert stage.is_dir(), sorted(p.name for p in out.iterdir())
+    assert (stage / "demo.txt").read_text() == "written by the demo plugin"
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["pass"] == "plugindemo"
+    assert metrics["config"] == {"factor": 3}
+    m = metrics["metrics"]
+    assert m["demo_params_times_factor"] == 3 * metrics["model"]["params"]
+    assert m["demo_stage_dir"] == ".02-plugindemo.partial"  # the pass writes into the partial dir
+    assert m["demo_previous_stages"] == ["00-source", "01-adapt"]
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["dir"] for s in manifest["stages"]] == ["00-source", "01-adapt", "02-plugindemo"]
+    report = (out / "report.json").read_text()
+    assert "plugindemo" in report
