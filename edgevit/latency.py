@@ -23,6 +23,17 @@ def _status_mb(field: str) -> float:
     return float("nan")
 
 
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def providers() -> list[str]:
+    """ONNX Runtime execution providers to use, fastest first, among those installed."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in PREFERRED_PROVIDERS if p in available]
+
+
 def measure(path: str, batch: int, runs: int, warmup: int, threads: int | None) -> dict:
     import numpy as np
     import onnxruntime as ort
@@ -32,9 +43,7 @@ def measure(path: str, batch: int, runs: int, warmup: int, threads: int | None) 
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    available = ort.get_available_providers()
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    sess = ort.InferenceSession(path, opts, providers=providers)
+    sess = ort.InferenceSession(path, opts, providers=providers())
     inp = sess.get_inputs()[0]
     shape = [batch if not isinstance(d, int) else d for d in inp.shape]
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from edgevit.fileio import atomic_path
 from edgevit.graph import ModelGraph
+from edgevit.latency import providers
 
 INPUT, OUTPUT = "input", "logits"
 
@@ -39,13 +40,6 @@ def op_counts(path: Path) -> dict[str, int]:
 
     model = onnx.load(str(path), load_external_data=False)
     return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
-
-
-def providers() -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
 def session(path: Path, threads: int | None = None) -> Any:

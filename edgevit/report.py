@@ -63,14 +63,13 @@ def fmt(value: Any, spec: str = "", scale: float = 1.0) -> str:
 
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    head = ["stage", "top-1 %", "params (M)", "GFLOPs", "size (MB)", "latency ms (median / p99)",
-            "throughput (img/s)", "peak mem (MB)"]
+    head = ["stage", "top-1 %", "params M", "GFLOPs", "size MB", "p50 ms", "p99 ms", "img/s", "mem MB"]
     rows = []
     for s in report["stages"]:
         lat = s.get("latency_ms") or {}
-        latency = f"{lat['median']:.3f} / {lat['p99']:.3f}" if lat else DASH
         rows.append([s["stage"], fmt(s.get("top1"), ".2f"), fmt(s.get("params"), ".3f", 1e6),
-                     fmt(s.get("flops"), ".4f", 1e9), fmt(s.get("size_bytes"), ".2f", 1e6), latency,
+                     fmt(s.get("flops"), ".4f", 1e9), fmt(s.get("size_bytes"), ".2f", 1e6),
+                     fmt(lat.get("median"), ".3f"), fmt(lat.get("p99"), ".3f"),
                      fmt(s.get("throughput_ips"), ".0f"), fmt(s.get("peak_mem_mb"), ".0f")])
     return head, rows
 
@@ -81,7 +80,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     host = report.get("host")
     if host:
         out += [f"Host: {host['cpu']}, {host['cores']} cores; onnxruntime {host['onnxruntime']}, "
-                f"torch {host['torch']}. Latency at batch 1 with ONNX Runtime; throughput at a larger batch.", ""]
+                f"torch {host['torch']}. p50/p99: latency at batch 1 with ONNX Runtime after warm-up; img/s: "
+                "throughput at a larger batch; mem MB: peak RSS of the process that timed the model.", ""]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     out += ["", "— = not measured for this stage (add a `benchmark` pass to measure it)."]
