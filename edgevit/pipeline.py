@@ -31,6 +31,7 @@ from edgevit.graph import HistoryEntry, ModelGraph
 from edgevit.models.sources import load_model
 from edgevit.recipe import PassStep, Recipe, stable_hash
 from edgevit.report import build_report
+from edgevit.training import distributed
 
 RUN_FORMAT = "edgevit.run/1"
 
@@ -68,20 +69,28 @@ class Pipeline:
         return keys
 
     def run(self) -> dict[str, Any]:
+        """Run (or resume) every stage; returns the report (empty on ranks other than 0)."""
         r = self.recipe
         device = resolve_device(r.device)
+        env = distributed.current()
+        if env.enabled and device.type == "cuda":
+            device = torch.device("cuda", env.local_rank)
+        main = env.is_main
         torch.manual_seed(r.seed)
         # everything that can fail on bad input happens before the run dir is touched
         source = load_model(r.model, self.registry)
         data = build_data(r.data, source.spec, r.seed)
         self._check_classes(source, data.num_classes)
-        self.console.print(f"edgevit compress: recipe [bold]{r.name}[/bold] → {self.run_dir}")
+        where = f" ({env.world} processes)" if env.enabled else ""
+        self.console.print(f"edgevit compress: recipe [bold]{r.name}[/bold] → {self.run_dir}{where}")
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         manifest_path = self.run_dir / "manifest.json"
         old = read_json(manifest_path) if (self.resume and manifest_path.is_file()) else {"stages": []}
         old_stages = {s["index"]: s for s in old.get("stages", [])}
-        write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False))
+        env.barrier()  # every rank has read the old manifest before rank 0 changes anything
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False))
 
         keys = self.keys()
         names = ["source"] + [s.name for s in self.steps]
@@ -104,19 +113,24 @@ class Pipeline:
                 continue
             if reusing:
                 reusing = False
-                self._drop_stale(old_stages, i)
+                if main:
+                    self._drop_stale(old_stages, i)
             if i == 0:
-                graph, seconds = self._source_stage(source, final, keys[0])
+                graph, seconds = self._source_stage(source, final, keys[0]) if main else (None, 0.0)
             else:
                 if graph is None:
                     graph = ModelGraph.load(records[-1].dir, self.registry)
-                graph, seconds = self._pass_stage(self.steps[i - 1], graph, final, keys[i], ctx, records)
+                graph, seconds = self._pass_stage(self.steps[i - 1], graph, final, keys[i], ctx, records, env)
+            if env.enabled:  # rank 0 wrote the stage; the others continue from its files
+                env.barrier()
+                graph = graph if main else None
             records.append(StageRecord(i, name, final, seconds))
             done.append({"index": i, "name": name, "dir": final.name, "key": keys[i], "seconds": round(seconds, 2),
                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            write_json(manifest_path, {"format": RUN_FORMAT, "edgevit_version": __version__, "recipe": r.name,
-                                       "stages": done})
-        return build_report(self.run_dir)
+            if main:
+                write_json(manifest_path, {"format": RUN_FORMAT, "edgevit_version": __version__, "recipe": r.name,
+                                           "stages": done})
+        return build_report(self.run_dir) if main else {}
 
     # stages ---------------------------------------------------------------------------
     def _source_stage(self, source: ModelGraph, final: Path, key: str) -> tuple[ModelGraph, float]:
@@ -132,14 +146,21 @@ class Pipeline:
         return ModelGraph.load(final, self.registry), time.perf_counter() - t0
 
     def _pass_stage(self, step: PassStep, graph: ModelGraph, final: Path, key: str, ctx: RunContext,
-                    records: list[StageRecord]) -> tuple[ModelGraph, float]:
-        partial = self._partial(final, key)
+                    records: list[StageRecord], env: distributed.DistEnv) -> tuple[ModelGraph | None, float]:
+        partial = final.with_name(f".{final.name}.partial")
+        if env.is_main:
+            self._partial(final, key)
+        env.barrier()
         self.console.print(f"[bold]▶ {final.name}[/bold]")
         weights_from = graph.weights_path
         t0 = time.perf_counter()
         p = step.cls(step.config)
+        if not env.is_main and not getattr(step.cls, "distributed", False):
+            return None, 0.0  # rank 0 alone runs passes that do not train
         out = p.run(graph, ctx.for_stage(partial, records))
         seconds = time.perf_counter() - t0
+        if not env.is_main:
+            return None, seconds
         config = step.config.model_dump(mode="json")
         out.history.append(HistoryEntry(pass_name=step.name, stage=final.name, config=config, metrics=p.metrics))
         out.save(partial, weights_from=None if p.modifies_weights else weights_from)

@@ -93,15 +93,32 @@ def _format_error(err: ValidationError, prefix: str, model: type[BaseModel] | No
 
 
 def resolve_paths(data: dict[str, Any], base: Path) -> None:
-    """Make the recipe's relative paths relative to the recipe file, not the shell's cwd."""
+    """Make the recipe's relative paths relative to the recipe file, not the shell's cwd
+    (also model sources nested in pass configs, e.g. a distillation teacher's checkpoint)."""
     for section, keys in (("model", ("checkpoint", "path")), ("data", ("train", "val", "path"))):
-        sec = data.get(section)
-        if isinstance(sec, dict):
-            for k in keys:
-                if isinstance(sec.get(k), str) and not Path(sec[k]).expanduser().is_absolute():
-                    sec[k] = str((base / sec[k]).resolve())
-                elif isinstance(sec.get(k), str):
-                    sec[k] = str(Path(sec[k]).expanduser())
+        _resolve(data.get(section), keys, base)
+    for step in data.get("passes") or []:
+        if isinstance(step, dict):
+            for cfg in step.values():
+                _resolve_nested(cfg, base)
+
+
+def _resolve(sec: Any, keys: tuple[str, ...], base: Path) -> None:
+    if isinstance(sec, dict):
+        for k in keys:
+            if isinstance(sec.get(k), str) and not Path(sec[k]).expanduser().is_absolute():
+                sec[k] = str((base / sec[k]).resolve())
+            elif isinstance(sec.get(k), str):
+                sec[k] = str(Path(sec[k]).expanduser())
+
+
+def _resolve_nested(node: Any, base: Path) -> None:
+    """Inside pass configs, a mapping with a ``source:`` key is a model source."""
+    if isinstance(node, dict):
+        if "source" in node:
+            _resolve(node, ("checkpoint", "path"), base)
+        for v in node.values():
+            _resolve_nested(v, base)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:

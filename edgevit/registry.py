@@ -20,6 +20,7 @@ from edgevit.errors import EdgeVitError, did_you_mean
 BUILTINS: dict[str, dict[str, str]] = {
     "passes": {
         "adapt": "edgevit.passes.adapt:AdaptPass",
+        "distill": "edgevit.passes.distill:DistillPass",
         "export": "edgevit.passes.export:ExportPass",
         "benchmark": "edgevit.passes.benchmark:BenchmarkPass",
     },

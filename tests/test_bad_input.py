@@ -19,6 +19,7 @@ import yaml
 from safetensors.torch import save_file
 
 from edgevit.errors import EdgeVitError
+from edgevit.registry import Registry
 from tests.conftest import run_cli, tiny_recipe_data
 
 TINY_KWARGS = tiny_recipe_data()["model"]["kwargs"]
@@ -157,7 +158,7 @@ def test_unknown_pass(tmp_path: Path, name: str, suggestion: str | None) -> None
     recipe = write_yaml(tmp_path / "r.yaml", quick_recipe(passes=[{name: {}}]))
     res = compress(recipe, tmp_path / "run")
     line = assert_user_error(res, "passes[0]", f"unknown pass '{name}'",
-                             "available: adapt, benchmark, export")
+                             "available: " + ", ".join(Registry().names("passes")))
     if suggestion:
         assert f"did you mean '{suggestion}'" in line
     else:

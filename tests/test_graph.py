@@ -141,3 +141,29 @@ def test_reset_classifier_survives_save_load(tiny_graph: ModelGraph, tmp_path) -
     assert logits(tiny_graph).shape == (3, 7)
     tiny_graph.save(tmp_path / "s")
     assert logits(ModelGraph.load(tmp_path / "s")).shape == (3, 7)
+
+
+def test_keep_blocks_drops_blocks_and_rebuilds_from_disk(tiny_graph, tmp_path) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    g = tiny_graph.clone()
+    g.keep_blocks([1])
+    assert g.spec.depth == 1 and g.spec.block(0).path.endswith("0")
+    y = g.module(x)
+    g.save(tmp_path)
+    h = ModelGraph.load(tmp_path)
+    assert h.spec.depth == 1 and torch.allclose(h.module(x), y, atol=1e-6)
+    assert sum(p.numel() for p in g.module.parameters()) < sum(p.numel() for p in tiny_graph.module.parameters())
+
+
+def test_keep_blocks_equals_a_model_built_without_them() -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    kw = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=3, num_heads=4)
+    big = VisionTransformer(**kw).eval()
+    small = VisionTransformer(**dict(kw, depth=2)).eval()
+    state = {k.replace("blocks.2.", "blocks.1."): v for k, v in big.state_dict().items() if "blocks.1." not in k}
+    small.load_state_dict(state)
+    g = ModelGraph.from_module(big, {"architecture": "VisionTransformer", "kwargs": kw})
+    g.keep_blocks([0, 2])
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(g.module(x), small(x), atol=1e-6)

@@ -19,14 +19,24 @@ def compress(
     overrides: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. passes.adapt.epochs=3"),
     no_resume: bool = typer.Option(False, "--no-resume", help="re-run every stage even if unchanged"),
 ) -> None:
-    """Run RECIPE's passes on its model; writes runs/<name>/ and prints a table per stage."""
-    from edgevit.pipeline import Pipeline
+    """Run RECIPE's passes on its model; writes runs/<name>/ and prints a table per stage.
 
-    console = Console(stderr=True)
+    Started under torchrun, training passes run data-parallel on every process; rank 0 alone
+    writes the run directory (which must be on a file system every node sees)."""
+    from edgevit.pipeline import Pipeline
+    from edgevit.training import distributed
+
     registry = Registry()
     rec, steps = load_recipe(recipe, overrides, registry)
+    env = distributed.init(rec.device)
+    console = Console(stderr=True, quiet=not env.is_main)
     run_dir = out or Path("runs") / rec.name
-    report = Pipeline(rec, steps, run_dir, registry, console, resume=not no_resume).run()
+    try:
+        report = Pipeline(rec, steps, run_dir, registry, console, resume=not no_resume).run()
+    finally:
+        distributed.shutdown()
+    if not env.is_main:
+        return
     head, rows = table_rows(report)
     table = Table(title=f"{rec.name}: one row per stage", title_justify="left")
     for h in head:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from edgevit.data.config import DigitsData, ImageFolderData, NpzData
 from edgevit.errors import EdgeVitError
@@ -54,14 +54,25 @@ class DataBundle:
     eval_batch_size: int
     num_workers: int = 0
 
-    def train_loader(self, seed: int, epoch: int) -> DataLoader:
-        """Shuffled deterministically by (seed, epoch), so a resumed run sees the same order."""
+    def train_loader(self, seed: int, epoch: int, rank: int = 0, world: int = 1) -> DataLoader:
+        """Shuffled deterministically by (seed, epoch), so a resumed run sees the same order.
+        With ``world`` > 1 each rank reads its own shard (``batch_size`` images per rank)."""
+        drop_last = len(self.train) > self.batch_size * world
+        if world > 1:
+            sampler = DistributedSampler(self.train, num_replicas=world, rank=rank, shuffle=True,
+                                         seed=seed * 100_003, drop_last=drop_last)
+            sampler.set_epoch(epoch)
+            return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler,
+                              num_workers=self.num_workers, drop_last=drop_last)
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=g,
-                          num_workers=self.num_workers, drop_last=len(self.train) > self.batch_size)
+                          num_workers=self.num_workers, drop_last=drop_last)
 
-    def val_loader(self, batch_size: int | None = None) -> DataLoader:
-        return DataLoader(self.val, batch_size=batch_size or self.eval_batch_size, shuffle=False,
+    def val_loader(self, batch_size: int | None = None, rank: int = 0, world: int = 1) -> DataLoader:
+        """In order; with ``world`` > 1 rank r reads images r, r+world, ... (no padding, so
+        summed counts are exact)."""
+        ds = self.val if world == 1 else Subset(self.val, list(range(rank, len(self.val), world)))
+        return DataLoader(ds, batch_size=batch_size or self.eval_batch_size, shuffle=False,
                           num_workers=self.num_workers)
 
     def sample(self, n: int, seed: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,6 +111,15 @@ class ModelGraph:
         self.adapter.after_keep_mlp_units(self._sub(m.path), m, idx)
         m.hidden = int(idx.numel())
 
+    def keep_blocks(self, blocks: Sequence[int]) -> None:
+        """Keep only ``blocks`` (in order): the others leave the module, the construction
+        recipe records the new depth, and the spec is re-read (block paths renumber)."""
+        idx = _check_indices(blocks, self.spec.depth, "blocks")
+        self.build = self.adapter.keep_blocks(self.module, self.build or {}, idx)
+        old = self.spec
+        spec = self.adapter.describe(self.module, mean=old.mean, std=old.std)
+        self.spec = spec.model_copy(update={"num_classes": old.num_classes})
+
     def reset_classifier(self, num_classes: int) -> None:
         """New classifier head(s) for a task with ``num_classes`` classes (task adaptation)."""
         self.build = self.adapter.reset_classifier(self.module, self.build or {}, num_classes)

@@ -5,10 +5,12 @@ The input files are only ever read: the pipeline works on its own copy."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
 
 from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
@@ -79,13 +81,19 @@ def load_model(cfg: TimmSource | HFSource | SavedSource | BuiltinSource, registr
 
 
 def _load_timm(cfg: TimmSource, registry: Any) -> ModelGraph:
+    module, build = _timm_module(cfg)
+    return ModelGraph.from_module(module, build, mean=cfg.mean, std=cfg.std, registry=registry)
+
+
+def _timm_module(cfg: TimmSource, where: str = "model") -> tuple[nn.Module, dict[str, Any]]:
+    """Any timm model (a ViT or not), built offline and loaded from ``checkpoint``, in eval mode."""
     import timm
 
     build: dict[str, Any] = {"kwargs": cfg.kwargs}
     try:
         if cfg.name:
             if not timm.is_model(cfg.name.split(".")[0]):
-                raise EdgeVitError(f"model.name: timm has no model named {cfg.name!r}")
+                raise EdgeVitError(f"{where}.name: timm has no model named {cfg.name!r}")
             build["name"] = cfg.name
             module = timm.create_model(cfg.name, pretrained=cfg.pretrained, **cfg.kwargs)
         else:
@@ -96,18 +104,46 @@ def _load_timm(cfg: TimmSource, registry: Any) -> ModelGraph:
     except EdgeVitError:
         raise
     except TypeError as e:
-        raise EdgeVitError(f"model.kwargs: {e}") from e
+        raise EdgeVitError(f"{where}.kwargs: {e}") from e
     except Exception as e:
         if cfg.pretrained:
             raise EdgeVitError(
-                f"model.pretrained: could not fetch pretrained weights for {cfg.name} "
+                f"{where}.pretrained: could not fetch pretrained weights for {cfg.name} "
                 f"({type(e).__name__}); offline, download them elsewhere and set "
-                "model.checkpoint: path/to/weights.safetensors with pretrained: false"
+                f"{where}.checkpoint: path/to/weights.safetensors with pretrained: false"
             ) from e
-        raise EdgeVitError(f"model: timm could not build the model: {e}") from e
+        raise EdgeVitError(f"{where}: timm could not build the model: {e}") from e
     if cfg.checkpoint:
         apply_state_dict(module, read_state_dict(cfg.checkpoint), str(cfg.checkpoint))
-    return ModelGraph.from_module(module.eval(), build, mean=cfg.mean, std=cfg.std, registry=registry)
+    return module.eval(), build
+
+
+@dataclass
+class LoadedTeacher:
+    """A teacher: any module returning logits. ``graph`` is set when it is a ViT edgevit
+    understands (feature losses need its token features); otherwise only logits are used."""
+
+    module: nn.Module
+    graph: ModelGraph | None
+    mean: tuple[float, float, float] | None
+    std: tuple[float, float, float] | None
+
+
+def load_teacher(cfg: TimmSource | HFSource | SavedSource | BuiltinSource, registry: Any = None,
+                 where: str = "teacher") -> LoadedTeacher:
+    """Like :func:`load_model`, but a timm model that is not a ViT (a CNN) is accepted too."""
+    if isinstance(cfg, TimmSource):
+        module, build = _timm_module(cfg, where)
+        try:
+            graph = ModelGraph.from_module(module, build, mean=cfg.mean, std=cfg.std, registry=registry)
+        except EdgeVitError:
+            pcfg = getattr(module, "pretrained_cfg", None) or {}
+            mean = cfg.mean or (tuple(pcfg["mean"]) if "mean" in pcfg else None)
+            std = cfg.std or (tuple(pcfg["std"]) if "std" in pcfg else None)
+            return LoadedTeacher(module, None, mean, std)  # type: ignore[arg-type]
+    else:
+        graph = load_model(cfg, registry)
+    return LoadedTeacher(graph.module, graph, graph.spec.mean, graph.spec.std)
 
 
 def _load_hf(cfg: HFSource, registry: Any) -> ModelGraph:

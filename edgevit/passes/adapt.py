@@ -23,6 +23,7 @@ class AdaptPass(Pass):
     name = "adapt"
     Config = AdaptConfig
     summary = "fine-tune (or train) the model on the task data; cross-entropy, AdamW, cosine"
+    distributed = True
 
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
         cfg: AdaptConfig = self.config  # type: ignore[assignment]

@@ -30,6 +30,7 @@ class Pass(ABC):
     Config: ClassVar[type[PassConfig]]
     summary: ClassVar[str] = ""
     modifies_weights: ClassVar[bool] = True  # False: the stage reuses the previous weights file
+    distributed: ClassVar[bool] = False  # True: every torch.distributed rank runs it (training passes)
 
     def __init__(self, config: PassConfig) -> None:
         self.config = config

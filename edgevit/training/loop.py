@@ -20,7 +20,8 @@ from torch import nn
 
 from edgevit.context import RunContext
 from edgevit.fileio import atomic_path, read_json, write_json
-from edgevit.training.evaluate import evaluate_top1
+from edgevit.training import distributed
+from edgevit.training.evaluate import count_correct
 
 
 class TrainConfig(BaseModel):
@@ -60,6 +61,19 @@ class CrossEntropyObjective:
         return loss, {"ce": float(loss.detach())}
 
 
+class _Step(nn.Module):
+    """Student + training-only modules as one module, so DistributedDataParallel averages the
+    gradients of both; its forward is one objective evaluation."""
+
+    def __init__(self, model: nn.Module, extra: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.model, self.extra = model, extra
+        self.objective = objective
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.objective(self.model, images, labels)
+
+
 def _param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
     """No decay on biases, norms, tokens and position embeddings (1-D or token tensors)."""
     decay, no_decay = [], []
@@ -91,14 +105,23 @@ def train(
     trainable: list[tuple[str, nn.Parameter]] | None = None,
     description: str = "train",
 ) -> dict[str, Any]:
-    """Train in place; return metrics (per-epoch log, final val top-1, seconds)."""
+    """Train in place; return metrics (per-epoch log, final val top-1, seconds).
+
+    Under torchrun the step runs in DistributedDataParallel, each rank on its shard of the
+    data; rank 0 alone writes checkpoints, and every rank ends with the same weights."""
+    env = distributed.current()
     device = ctx.device
     model.to(device)
     extra = nn.ModuleList(objective.modules()).to(device)
+    step: nn.Module = _Step(model, extra, objective)
+    if env.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
     params = trainable if trainable is not None else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = params + [(f"objective.{n}", p) for n, p in extra.named_parameters()]
     optimizer = torch.optim.AdamW(_param_groups(params, cfg.weight_decay), lr=cfg.lr)
-    steps_per_epoch = len(ctx.data.train_loader(ctx.seed, 0))
+    steps_per_epoch = len(ctx.data.train_loader(ctx.seed, 0, env.rank, env.world))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch))
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -117,21 +140,21 @@ def train(
         start_epoch, log, seconds = state["epoch"] + 1, state["log"], state["seconds"]
         ctx.console.print(f"  resuming {description} after epoch {start_epoch} of {cfg.epochs}")
 
-    val_loader = ctx.data.val_loader()
+    val_loader = ctx.data.val_loader(rank=env.rank, world=env.world)
     with ctx.progress() as progress:
         task = progress.add_task(description, total=cfg.epochs * steps_per_epoch,
                                  completed=start_epoch * steps_per_epoch, info="")
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            torch.manual_seed(ctx.seed * 1_000_003 + epoch)
+            torch.manual_seed(ctx.seed * 1_000_003 + epoch + 7_919 * env.rank)
             model.train()
             extra.train()
             sums: dict[str, float] = {}
             n = 0
-            for images, labels in ctx.data.train_loader(ctx.seed, epoch):
+            for images, labels in ctx.data.train_loader(ctx.seed, epoch, env.rank, env.world):
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss, terms = objective(model, images, labels)
+                    loss, terms = step(images, labels)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip:
@@ -145,7 +168,8 @@ def train(
                     sums[k] = sums.get(k, 0.0) + v
                 info = " ".join(f"{k}={v / n:.3f}" for k, v in sums.items())
                 progress.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} {info}")
-            top1 = evaluate_top1(model, val_loader, device)
+            correct, total = env.sum(list(count_correct(model, val_loader, device)), device)
+            top1 = 100.0 * correct / max(total, 1)
             seconds += time.perf_counter() - t0
             entry = {"epoch": epoch + 1, "val_top1": round(top1, 2), "seconds": round(time.perf_counter() - t0, 2)}
             entry.update({k: round(v / max(n, 1), 4) for k, v in sums.items()})
@@ -154,8 +178,13 @@ def train(
             if not ctx.console.is_terminal:
                 shown = ", ".join(f"{k}={v}" for k, v in entry.items() if k != "epoch")
                 ctx.console.print(f"  {description} epoch {epoch + 1}/{cfg.epochs}: {shown}")
-            _save_checkpoint(ckpt, model, extra, optimizer, scheduler, epoch, log, seconds)
-    return {"epochs": cfg.epochs, "val_top1": log[-1]["val_top1"], "train_seconds": round(seconds, 2), "log": log}
+            if env.is_main:
+                _save_checkpoint(ckpt, model, extra, optimizer, scheduler, epoch, log, seconds)
+            env.barrier()
+    out = {"epochs": cfg.epochs, "val_top1": log[-1]["val_top1"], "train_seconds": round(seconds, 2), "log": log}
+    if env.enabled:
+        out.update(world_size=env.world, ranks_in_sync=distributed.params_in_sync(model, env))
+    return out
 
 
 def _save_checkpoint(ckpt: Path, model: nn.Module, extra: nn.Module, optimizer: Any, scheduler: Any,

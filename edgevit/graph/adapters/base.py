@@ -46,6 +46,11 @@ class Adapter(ABC):
         """Like :meth:`after_keep_heads`, for MLP hidden units."""
         return None
 
+    def keep_blocks(self, module: nn.Module, build: dict[str, Any], blocks: list[int]) -> dict[str, Any]:
+        """Drop every transformer block not in ``blocks``; return the construction recipe with
+        the new depth so the saved graph rebuilds to the same shape."""
+        raise NotImplementedError(f"{self.name} models cannot drop blocks")
+
     def reset_classifier(self, module: nn.Module, build: dict[str, Any], num_classes: int) -> dict[str, Any]:
         """Replace the classifier head(s) with fresh ones for ``num_classes``; return the updated
         construction recipe so the saved graph rebuilds with the new head."""

@@ -64,6 +64,10 @@ class BuiltinViTAdapter(Adapter):
     def after_keep_heads(self, attn: nn.Module, spec: AttentionSpec, channels: torch.Tensor) -> None:
         attn.num_heads = int(channels.numel()) // spec.head_dim
 
+    def keep_blocks(self, module: nn.Module, build: dict[str, Any], blocks: list[int]) -> dict[str, Any]:
+        module.blocks = nn.Sequential(*[module.blocks[i] for i in blocks])
+        return {**build, "kwargs": {**(build.get("kwargs") or {}), "depth": len(blocks)}}
+
     def reset_classifier(self, module: nn.Module, build: dict[str, Any], num_classes: int) -> dict[str, Any]:
         module.head = nn.Linear(module.embed_dim, num_classes)
         module.num_classes = num_classes

@@ -128,6 +128,19 @@ class HFViTAdapter(Adapter):
             if hasattr(m, "all_head_size"):
                 m.all_head_size = int(channels.numel())
 
+    def keep_blocks(self, module: nn.Module, build: dict[str, Any], blocks: list[int]) -> dict[str, Any]:
+        root, layers = _layers(module.model.vit)
+        parent_path, attr = root.rsplit(".", 1)
+        parent = module.get_submodule(parent_path)
+        kept = nn.ModuleList([layers[i] for i in blocks])
+        for j, layer in enumerate(kept):  # HF layers carry their index for caches
+            if hasattr(layer, "layer_idx"):
+                layer.layer_idx = j
+        setattr(parent, attr, kept)
+        cfg = module.model.config
+        cfg.num_hidden_layers = len(blocks)
+        return {"config": cfg.to_dict()}
+
     def reset_classifier(self, module: nn.Module, build: dict[str, Any], num_classes: int) -> dict[str, Any]:
         old = module.model.classifier
         module.model.classifier = nn.Linear(old.in_features, num_classes)

@@ -117,6 +117,13 @@ class TimmViTAdapter(Adapter):
     def after_keep_mlp_units(self, mlp: nn.Module, spec: MlpSpec, units: torch.Tensor) -> None:
         slice_norm(mlp.norm, units)
 
+    def keep_blocks(self, module: nn.Module, build: dict[str, Any], blocks: list[int]) -> dict[str, Any]:
+        module.blocks = nn.Sequential(*[module.blocks[i] for i in blocks])
+        if hasattr(module, "feature_info"):
+            info = module.feature_info[: len(blocks)]
+            module.feature_info = [dict(f, module=f"blocks.{j}") for j, f in enumerate(info)]
+        return {**build, "kwargs": {**(build.get("kwargs") or {}), "depth": len(blocks)}}
+
     def reset_classifier(self, module: nn.Module, build: dict[str, Any], num_classes: int) -> dict[str, Any]:
         module.reset_classifier(num_classes)
         return {**build, "kwargs": {**(build.get("kwargs") or {}), "num_classes": num_classes}}

@@ -1,0 +1,252 @@
+"""The distillation loss: cross-entropy + logit KD + feature mimicking (shallow blocks) +
+masked generative distillation (deep blocks) + an optional DeiT distillation-token term.
+
+Every term has its own weight (0 = off). Projectors and generators are built here, trained
+with the student through :meth:`DistillObjective.modules` and never become part of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from edgevit.distill.taps import FeatureTap
+from edgevit.errors import EdgeVitError
+from edgevit.graph.spec import GraphSpec
+
+
+class LossConfig(BaseModel):
+    """Loss weights and layer maps (student block → teacher block)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ce: float = Field(1.0, ge=0, description="cross-entropy on the labels")
+    kd: float = Field(1.0, ge=0, description="logit KD: KL of temperature-softened outputs, × T²")
+    temperature: float = Field(4.0, gt=0)
+    feature: float = Field(1.0, ge=0, description="feature mimicking: token MSE on shallow blocks")
+    feature_layers: dict[int, int] | None = Field(
+        None, description="student block → teacher block; default: the first half of the student's blocks, "
+        "each to the teacher block at the same relative depth")
+    mgd: float = Field(1e-4, ge=0, description="masked generative distillation (sum of squared errors / batch)")
+    mgd_layers: dict[int, int] | None = Field(
+        None, description="default: the last student block → the last teacher block")
+    mask_ratio: float = Field(0.5, gt=0, lt=1, description="fraction of student patch tokens masked for MGD")
+    dist_token: Literal["none", "hard", "soft"] = Field(
+        "none", description="DeiT distillation token: its head learns the teacher's argmax (hard) or soft logits")
+
+
+def relative_block(i: int, student_depth: int, teacher_depth: int) -> int:
+    """The teacher block at the same relative depth as student block ``i``."""
+    return max(0, round((i + 1) * teacher_depth / student_depth) - 1)
+
+
+def default_layers(student_depth: int, teacher_depth: int, which: str) -> dict[int, int]:
+    if which == "deep":
+        return {student_depth - 1: teacher_depth - 1}
+    return {i: relative_block(i, student_depth, teacher_depth) for i in range(max(1, student_depth // 2))}
+
+
+def _check_map(layers: dict[int, int], sd: int, td: int, where: str) -> dict[int, int]:
+    for s, t in layers.items():
+        if not (0 <= s < sd and 0 <= t < td):
+            raise EdgeVitError(
+                f"{where}: {s}: {t} is out of range; the student has blocks 0..{sd - 1}, the teacher 0..{td - 1}"
+            )
+    return dict(sorted(layers.items()))
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.: KL(teacher‖student) of softened distributions, × T² to keep gradient scale."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+class TokenLayout:
+    """Where the class token and the patch tokens sit in a block's output."""
+
+    def __init__(self, spec: GraphSpec) -> None:
+        self.has_cls = spec.num_prefix_tokens >= 1 and spec.pool == "token"
+        self.num_patches = spec.num_patches
+        self.grid = spec.grid
+
+    def patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, -self.num_patches:]
+
+
+class MaskedGenerator(nn.Module):
+    """MGD for ViT tokens: align width, zero a fresh random set of patch tokens, rebuild the
+    teacher's whole patch-token map with two 3×3 convolutions over the patch grid (so a masked
+    token is rebuilt from its neighbours)."""
+
+    def __init__(self, student_dim: int, teacher_dim: int, grid: tuple[int, int], mask_ratio: float) -> None:
+        super().__init__()
+        self.align = nn.Linear(student_dim, teacher_dim) if student_dim != teacher_dim else nn.Identity()
+        self.generator = nn.Sequential(
+            nn.Conv2d(teacher_dim, teacher_dim, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(teacher_dim, teacher_dim, 3, padding=1),
+        )
+        self.grid = grid
+        self.mask_ratio = mask_ratio
+
+    def mask(self, b: int, device: torch.device) -> torch.Tensor:
+        """1 = kept, 0 = masked; drawn anew at every call."""
+        return (torch.rand(b, 1, *self.grid, device=device) >= self.mask_ratio).float()
+
+    def forward(self, student_patches: torch.Tensor) -> torch.Tensor:
+        x = self.align(student_patches)  # B, P, C
+        b, p, c = x.shape
+        x = x.transpose(1, 2).reshape(b, c, *self.grid)
+        x = x * self.mask(b, x.device).to(x.dtype)
+        return self.generator(x).flatten(2).transpose(1, 2)  # B, P, C
+
+
+class DistillObjective:
+    """The loop's Objective for distillation; call :meth:`close` when training ends."""
+
+    def __init__(
+        self,
+        cfg: LossConfig,
+        student: nn.Module,
+        student_spec: GraphSpec,
+        teacher: nn.Module,
+        teacher_spec: GraphSpec | None,
+        teacher_input: Callable[[torch.Tensor], torch.Tensor],
+        label_smoothing: float = 0.0,
+        where: str = "distill",
+    ) -> None:
+        self.cfg = cfg
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher_input = teacher_input
+        self.ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.projectors = nn.ModuleDict()
+        self.generators = nn.ModuleDict()
+        self.feature_layers: dict[int, int] = {}
+        self.mgd_layers: dict[int, int] = {}
+        s = student_spec
+        if cfg.dist_token != "none" and len(s.heads) < 2:
+            raise EdgeVitError(
+                f"{where}.dist_token: the student has no distillation token/head; use a DeiT-distilled "
+                "student (timm VisionTransformerDistilled) or set dist_token: none"
+            )
+        if cfg.feature > 0 or cfg.mgd > 0:
+            if teacher_spec is None:
+                raise EdgeVitError(
+                    f"{where}: feature mimicking and MGD need a ViT teacher whose token features edgevit can "
+                    f"read; {type(teacher).__name__} gives logits only. Set feature: 0 and mgd: 0 (logit KD works)"
+                )
+            t = teacher_spec
+            if t.grid != s.grid:
+                raise EdgeVitError(
+                    f"{where}: feature losses need the same patch grid; the student has {s.grid}, the teacher "
+                    f"{t.grid}. Match patch size and image size, or set feature: 0 and mgd: 0"
+                )
+            self.s_layout, self.t_layout = TokenLayout(s), TokenLayout(t)
+            if cfg.feature > 0:
+                self.feature_layers = _check_map(
+                    cfg.feature_layers or default_layers(s.depth, t.depth, "shallow"), s.depth, t.depth,
+                    f"{where}.feature_layers")
+                for si in self.feature_layers:
+                    self.projectors[str(si)] = (nn.Linear(s.embed_dim, t.embed_dim)
+                                                if s.embed_dim != t.embed_dim else nn.Identity())
+            if cfg.mgd > 0:
+                self.mgd_layers = _check_map(cfg.mgd_layers or default_layers(s.depth, t.depth, "deep"),
+                                             s.depth, t.depth, f"{where}.mgd_layers")
+                for si in self.mgd_layers:
+                    self.generators[str(si)] = MaskedGenerator(s.embed_dim, t.embed_dim, s.grid, cfg.mask_ratio)
+            s_paths = [s.block(i).path for i in (*self.feature_layers, *self.mgd_layers)]
+            t_paths = [t.block(i).path for i in (*self.feature_layers.values(), *self.mgd_layers.values())]
+            self.t_tap = FeatureTap(self.teacher, t_paths)
+        else:
+            s_paths = []
+            self.t_tap = None
+        self.s_blocks = {i: s.block(i).path for i in (*self.feature_layers, *self.mgd_layers)}
+        self.t_blocks = {i: teacher_spec.block(i).path for i in (*self.feature_layers.values(),
+                                                                 *self.mgd_layers.values())} if teacher_spec else {}
+        self.head_paths = s.heads[:2] if cfg.dist_token != "none" else []
+        self.s_tap = FeatureTap(student, s_paths + self.head_paths)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.projectors, self.generators]
+
+    def close(self) -> None:
+        self.s_tap.remove()
+        if self.t_tap is not None:
+            self.t_tap.remove()
+
+    def __call__(
+        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        self.teacher.eval()
+        with torch.no_grad():
+            t_logits = self.teacher(self.teacher_input(images))
+        logits = model(images)
+        terms: dict[str, torch.Tensor] = {}
+        if self.head_paths:  # DeiT: class head learns the labels, distillation head the teacher
+            cls_logits, dist_logits = (self.s_tap.take(p) for p in self.head_paths)
+            if cfg.ce > 0:
+                terms["ce"] = cfg.ce * self.ce(cls_logits, labels)
+            if cfg.kd > 0:
+                terms["kd"] = cfg.kd * (F.cross_entropy(dist_logits, t_logits.argmax(-1)) if cfg.dist_token == "hard"
+                                        else kd_loss(dist_logits, t_logits, cfg.temperature))
+        else:
+            if cfg.ce > 0:
+                terms["ce"] = cfg.ce * self.ce(logits, labels)
+            if cfg.kd > 0:
+                terms["kd"] = cfg.kd * kd_loss(logits, t_logits, cfg.temperature)
+        if self.feature_layers:
+            losses = [self._mimic(si, ti) for si, ti in self.feature_layers.items()]
+            terms["feat"] = cfg.feature * torch.stack(losses).mean()
+        if self.mgd_layers:
+            losses = [self._mgd(si, ti) for si, ti in self.mgd_layers.items()]
+            terms["mgd"] = cfg.mgd * torch.stack(losses).mean()
+        self.s_tap.clear()
+        if self.t_tap is not None:
+            self.t_tap.clear()
+        if not terms:
+            raise EdgeVitError("distill: every loss weight is 0; turn at least one term on")
+        loss = torch.stack(list(terms.values())).sum()
+        return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+    def _pair(self, si: int, ti: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.t_tap is not None
+        return self.s_tap.take(self.s_blocks[si]), self.t_tap.take(self.t_blocks[ti])
+
+    def _mimic(self, si: int, ti: int) -> torch.Tensor:
+        s, t = self._pair(si, ti)
+        s = self.projectors[str(si)](s)
+        loss = F.mse_loss(self.s_layout.patches(s).float(), self.t_layout.patches(t).float())
+        if self.s_layout.has_cls and self.t_layout.has_cls:
+            loss = loss + F.mse_loss(s[:, 0].float(), t[:, 0].float())
+        return loss
+
+    def _mgd(self, si: int, ti: int) -> torch.Tensor:
+        s, t = self._pair(si, ti)
+        rebuilt = self.generators[str(si)](self.s_layout.patches(s))
+        target = self.t_layout.patches(t)
+        return (rebuilt.float() - target.float()).pow(2).sum() / s.shape[0]
+
+
+def teacher_input(data_spec: GraphSpec, mean: tuple | None, std: tuple | None,
+                  size: tuple[int, int] | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Turn a batch prepared for the student (its size, mean/std) into what the teacher expects."""
+    m0, s0 = torch.tensor(data_spec.mean).view(1, 3, 1, 1), torch.tensor(data_spec.std).view(1, 3, 1, 1)
+    renorm = mean is not None and std is not None and (tuple(mean), tuple(std)) != (data_spec.mean, data_spec.std)
+    m1 = torch.tensor(mean).view(1, 3, 1, 1) if renorm else None
+    s1 = torch.tensor(std).view(1, 3, 1, 1) if renorm else None
+    resize = size is not None and tuple(size) != tuple(data_spec.img_size)
+
+    def convert(x: torch.Tensor) -> torch.Tensor:
+        if renorm:
+            x = ((x * s0.to(x) + m0.to(x)) - m1.to(x)) / s1.to(x)  # type: ignore[union-attr]
+        if resize:
+            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)  # type: ignore[arg-type]
+        return x
+
+    return convert

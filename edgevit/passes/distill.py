@@ -1,0 +1,105 @@
+"""distill: teacher → smaller student with logit KD, feature mimicking and masked generative
+distillation (Youn et al. 2023's first compression step), on the shared training loop."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgevit.context import RunContext
+from edgevit.distill import DistillObjective, LossConfig, ShrinkConfig, shrink
+from edgevit.distill.objective import teacher_input
+from edgevit.distill.student import build_student
+from edgevit.errors import EdgeVitError
+from edgevit.graph import ModelGraph
+from edgevit.models.sources import LoadedTeacher, ModelSource, load_model, load_teacher
+from edgevit.passes.base import Pass, PassConfig
+from edgevit.training.loop import TrainConfig, train
+
+
+class StudentConfig(BaseModel):
+    """Exactly one: ``shrink`` the incoming model, or build ``model`` from a source."""
+
+    model_config = ConfigDict(extra="forbid")
+    shrink: ShrinkConfig | None = None
+    model: ModelSource | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StudentConfig:
+        if (self.shrink is None) == (self.model is None):
+            raise ValueError("give exactly one of `shrink` (derive from the teacher) or `model` (a model source)")
+        return self
+
+
+class DistillConfig(PassConfig, TrainConfig, LossConfig):
+    student: StudentConfig = Field(default_factory=lambda: StudentConfig(shrink=ShrinkConfig(depth=None)))
+    teacher: ModelSource | None = Field(
+        None, description="default: the run's teacher (the latest adapt output, else the input model)")
+    teacher_img_size: tuple[int, int] | None = Field(
+        None, description="input size of a non-ViT teacher (default: the data's size)")
+
+
+class DistillPass(Pass):
+    name = "distill"
+    Config = DistillConfig
+    summary = "train a smaller student from the teacher: CE + logit KD + feature mimicking + MGD"
+    distributed = True
+
+    def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
+        cfg: DistillConfig = self.config  # type: ignore[assignment]
+        teacher = self._teacher(cfg, graph, ctx)
+        if cfg.student.shrink is not None:
+            if cfg.teacher is not None:
+                raise EdgeVitError(
+                    "passes.distill.student.shrink: shrink derives the student from the incoming model, "
+                    "not from a separately given teacher; give student.model instead"
+                )
+            student, how = shrink(graph, cfg.student.shrink)
+        else:
+            assert cfg.student.model is not None
+            student, how = build_student(graph, load_model(cfg.student.model, ctx.registry), ctx.data.num_classes)
+        ctx.console.print(f"  student: {how}")
+        t_spec = teacher.graph.spec if teacher.graph is not None else None
+        size = t_spec.img_size if t_spec is not None else (cfg.teacher_img_size or graph.spec.img_size)
+        objective = DistillObjective(
+            cfg, student.module, student.spec, teacher.module, t_spec,
+            teacher_input(graph.spec, teacher.mean, teacher.std, size),
+            label_smoothing=cfg.label_smoothing, where="passes.distill",
+        )
+        try:
+            self.metrics = train(student.module, objective, cfg, ctx, ctx.stage_dir, description="distill")
+        finally:
+            objective.close()
+        t_cost, s_cost = (teacher.graph.cost() if teacher.graph else None), student.cost()
+        self.metrics.update({
+            "student": how,
+            "feature_layers": objective.feature_layers,
+            "mgd_layers": objective.mgd_layers,
+            "student_params": student.num_params(),
+            "teacher_params": sum(p.numel() for p in teacher.module.parameters()),
+            "student_flops": s_cost.flops,
+            "teacher_flops": t_cost.flops if t_cost else None,
+            "flops_ratio": round(s_cost.flops / t_cost.flops, 4) if t_cost else None,
+        })
+        student.module.cpu().eval()
+        return student
+
+    def _teacher(self, cfg: DistillConfig, graph: ModelGraph, ctx: RunContext) -> LoadedTeacher:
+        if cfg.teacher is not None:
+            t = load_teacher(cfg.teacher, ctx.registry, where="passes.distill.teacher")
+        else:
+            g = ctx.teacher if ctx.stages else graph
+            t = LoadedTeacher(g.module, g, g.spec.mean, g.spec.std)
+        t.module.to(ctx.device)
+        out = _num_outputs(t, graph)
+        if out != ctx.data.num_classes:
+            raise EdgeVitError(
+                f"passes.distill.teacher: outputs {out} classes but the data has {ctx.data.num_classes}; "
+                "adapt the teacher to the task first (an `adapt` pass before distill)"
+            )
+        return t
+
+
+def _num_outputs(t: LoadedTeacher, graph: ModelGraph) -> int:
+    if t.graph is not None:
+        return t.graph.spec.num_classes
+    return int(getattr(t.module, "num_classes", 0) or 0)
