@@ -85,4 +85,20 @@ def render_markdown(report: dict[str, Any]) -> str:
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     out += ["", "— = not measured for this stage (add a `benchmark` pass to measure it)."]
+    notes = stage_notes(report)
+    if notes:
+        out += ["", "## Stages", ""] + [f"- **{stage}**: {note}" for stage, note in notes]
     return "\n".join(out) + "\n"
+
+
+def stage_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """One sentence per stage that built something worth explaining (e.g. how a student was made)."""
+    notes = []
+    for s in report["stages"]:
+        m = s.get("metrics") or {}
+        if "student" in m:
+            ratio = m.get("flops_ratio")
+            vs = f"; {ratio:.3f}× the teacher's FLOPs" if ratio is not None else ""
+            notes.append((s["stage"], f"student {m['student']}{vs}; trained to {m.get('val_top1')}% "
+                                      f"val top-1 in {m.get('epochs')} epochs"))
+    return notes

@@ -203,6 +203,7 @@ def test_training_only_modules_stay_out_of_the_saved_graph_and_the_onnx(tmp_path
     assert "shrunk from the teacher" in metrics["student"] and metrics["flops_ratio"] < 0.5
     assert {"ce", "kd", "feat", "mgd"} <= set(metrics["log"][-1])
     assert "student: shrunk" in log
+    assert "**02-distill**: student shrunk from the teacher" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_interrupted_distillation_resumes_to_the_same_weights(tmp_path: Path, monkeypatch) -> None:
@@ -252,3 +253,16 @@ def test_bad_distill_configs_are_one_line_errors(tmp_path: Path) -> None:
         assert res.returncode == 2, res.stderr
         assert message in res.stderr and "Traceback" not in res.stderr
         assert len(res.stderr.strip().splitlines()) <= 12
+
+
+def test_a_cnn_teacher_from_a_model_source_runs_in_the_pipeline(tmp_path: Path) -> None:
+    cnn = {"source": "timm", "name": "test_resnet", "kwargs": {"num_classes": 10}}
+    data = _distill_recipe(teacher=cnn, feature=0.0, mgd=0.0, epochs=1, teacher_img_size=[32, 32])
+    data["passes"] = data["passes"][1:2]
+    _run(data, tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "01-distill" / "metrics.json").read_text())["metrics"]
+    assert set(m["log"][-1]) >= {"ce", "kd"} and "feat" not in m["log"][-1] and m["teacher_flops"] is None
+    data = _distill_recipe(teacher=cnn, epochs=1)
+    data["passes"] = data["passes"][1:2]
+    with pytest.raises(EdgeVitError, match="gives logits only"):
+        _run(data, tmp_path / "run2")

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from edgevit.recipe import load_recipe
 from edgevit.registry import Registry
-from edgevit.report import table_rows
+from edgevit.report import stage_notes, table_rows
 
 
 def compress(
@@ -44,4 +44,6 @@ def compress(
     for r in rows:
         table.add_row(*r)
     Console().print(table)
+    for stage, note in stage_notes(report):
+        Console().print(f"{stage}: {note}")
     Console().print(f"report: {run_dir / 'report.md'} and {run_dir / 'report.json'}")

@@ -17,7 +17,7 @@ def passes() -> None:
     for entry in reg.entries("passes"):
         cls = reg.get("passes", entry.name)
         opts = ", ".join(
-            f"{k} ({f.default!r})" if not f.is_required() else f"{k} (required)"
+            f"{k} ({f.get_default(call_default_factory=True)!r})" if not f.is_required() else f"{k} (required)"
             for k, f in cls.Config.model_fields.items()
         )
         table.add_row(entry.name, entry.origin, cls.summary, opts)

@@ -98,8 +98,13 @@ def _label(ds: Dataset, i: int) -> int:
     return int(ds.targets[i])  # torchvision ImageFolder
 
 
-def _limit(ds: Dataset, n: int | None) -> Dataset:
-    return ds if n is None or n >= len(ds) else Subset(ds, list(range(n)))
+def _limit(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    """A random (seeded) subset: an ImageFolder lists images class by class, so "the first N"
+    would drop whole classes."""
+    if n is None or n >= len(ds):
+        return ds
+    keep = np.sort(np.random.default_rng(seed).permutation(len(ds))[:n])
+    return Subset(ds, keep.tolist())
 
 
 def _check_channels(mode: str, where: str, path: object, to_rgb: bool) -> None:
@@ -196,7 +201,7 @@ def build_data(cfg: ImageFolderData | DigitsData | NpzData, spec: GraphSpec, see
         xt, xv = _check_array(xt, "data.path", cfg.to_rgb), _check_array(xv, "data.path", cfg.to_rgb)
         train, val = ArrayDataset(xt, yt, train_tf), ArrayDataset(xv, yv, val_tf)
         names = [str(i) for i in range(int(max(yt.max(), yv.max())) + 1)]
-    train, val = _limit(train, cfg.limit_train), _limit(val, cfg.limit_val)
+    train, val = _limit(train, cfg.limit_train, seed), _limit(val, cfg.limit_val, seed + 1)
     if len(train) == 0 or len(val) == 0:
         raise EdgeVitError("data: the training or validation set is empty")
     return DataBundle(train, val, len(names), names, cfg.batch_size, cfg.eval_batch_size, cfg.num_workers)

@@ -14,8 +14,8 @@ class _DataBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(256, ge=1)
-    limit_train: int | None = Field(None, ge=1, description="use only the first N training images")
-    limit_val: int | None = Field(None, ge=1, description="use only the first N validation images")
+    limit_train: int | None = Field(None, ge=1, description="use N training images, a random subset fixed by the seed")
+    limit_val: int | None = Field(None, ge=1, description="use N validation images, a random subset fixed by the seed")
     num_workers: int = Field(0, ge=0)
 
 

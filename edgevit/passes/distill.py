@@ -31,7 +31,7 @@ class StudentConfig(BaseModel):
 
 
 class DistillConfig(PassConfig, TrainConfig, LossConfig):
-    student: StudentConfig = Field(default_factory=lambda: StudentConfig(shrink=ShrinkConfig(depth=None)))
+    student: StudentConfig = Field(description="shrink: {depth, num_heads, mlp_ratio} or model: <model source>")
     teacher: ModelSource | None = Field(
         None, description="default: the run's teacher (the latest adapt output, else the input model)")
     teacher_img_size: tuple[int, int] | None = Field(
@@ -47,12 +47,7 @@ class DistillPass(Pass):
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
         cfg: DistillConfig = self.config  # type: ignore[assignment]
         teacher = self._teacher(cfg, graph, ctx)
-        if cfg.student.shrink is not None:
-            if cfg.teacher is not None:
-                raise EdgeVitError(
-                    "passes.distill.student.shrink: shrink derives the student from the incoming model, "
-                    "not from a separately given teacher; give student.model instead"
-                )
+        if cfg.student.shrink is not None:  # from the incoming model (the teacher, unless `teacher:` is set)
             student, how = shrink(graph, cfg.student.shrink)
         else:
             assert cfg.student.model is not None
