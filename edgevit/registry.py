@@ -21,6 +21,7 @@ BUILTINS: dict[str, dict[str, str]] = {
     "passes": {
         "adapt": "edgevit.passes.adapt:AdaptPass",
         "distill": "edgevit.passes.distill:DistillPass",
+        "prune": "edgevit.passes.prune:PrunePass",
         "export": "edgevit.passes.export:ExportPass",
         "benchmark": "edgevit.passes.benchmark:BenchmarkPass",
     },

@@ -120,6 +120,18 @@ class ModelGraph:
         spec = self.adapter.describe(self.module, mean=old.mean, std=old.std)
         self.spec = spec.model_copy(update={"num_classes": old.num_classes})
 
+    def assign_linear(self, path: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Overwrite a linear's weights in place (a re-fit), shapes unchanged."""
+        lin = self._sub(path)
+        if not isinstance(lin, nn.Linear) or tuple(weight.shape) != tuple(lin.weight.shape):
+            raise ValueError(f"{path}: expected a Linear weight of shape {tuple(lin.weight.shape)}")
+        with torch.no_grad():
+            lin.weight.copy_(weight.to(lin.weight))
+            if bias is not None:
+                if lin.bias is None:
+                    raise ValueError(f"{path} has no bias to assign")
+                lin.bias.copy_(bias.to(lin.bias))
+
     def reset_classifier(self, num_classes: int) -> None:
         """New classifier head(s) for a task with ``num_classes`` classes (task adaptation)."""
         self.build = self.adapter.reset_classifier(self.module, self.build or {}, num_classes)

@@ -1,0 +1,95 @@
+"""prune: structured pruning of attention heads and MLP units, physically removed.
+
+``method`` decides which groups go: ``magnitude`` (weight norm), ``taylor`` (first-order
+weight × gradient on calibration images) or ``osscar`` (one-shot reconstruction with
+least-squares re-fit, Meng et al. 2024). ``heads``/``mlp``/``blocks``/``target`` decide how
+many. An optional ``recover`` fine-tunes afterwards, distilling from the unpruned model."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from edgevit.context import RunContext
+from edgevit.distill import DistillObjective, LossConfig
+from edgevit.distill.objective import teacher_input
+from edgevit.graph import ModelGraph
+from edgevit.passes.base import Pass, PassConfig
+from edgevit.prune.importance import magnitude_scores, taylor_scores
+from edgevit.prune.plan import PlanConfig, plan
+from edgevit.prune.reconstruct import osscar_model
+from edgevit.training.loop import TrainConfig, train
+
+
+class RecoverConfig(TrainConfig, LossConfig):
+    """Fine-tuning after pruning; by default CE + logit KD from the unpruned model."""
+
+    feature: float = Field(0.0, ge=0)
+    mgd: float = Field(0.0, ge=0)
+
+
+class PruneConfig(PassConfig, PlanConfig):
+    method: Literal["magnitude", "taylor", "osscar"] = "osscar"
+    ridge: float = Field(1e-2, gt=0, description="osscar: λ in H = XᵀX + λ·mean(diag)·I")
+    swap_budget: int = Field(30, ge=0, description="osscar: local-search iterations per layer")
+    batch_size: int = Field(32, ge=1, description="calibration images per forward pass")
+    recover: RecoverConfig | None = Field(None, description="fine-tune after pruning (omit for one-shot)")
+
+
+class PrunePass(Pass):
+    name = "prune"
+    Config = PruneConfig
+    summary = "remove attention heads and MLP units (magnitude / taylor / osscar re-fit); optional recovery"
+    distributed = True  # recovery trains on every rank; the one-shot part is deterministic
+
+    def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
+        cfg: PruneConfig = self.config  # type: ignore[assignment]
+        before = graph.cost()
+        counts, aim = plan(graph, cfg)
+        unpruned = graph.clone() if cfg.recover is not None else None
+        t0 = time.perf_counter()
+        log: list[dict] = []
+        images, labels = ctx.calibration()
+        if cfg.method == "osscar":
+            with ctx.progress() as progress:
+                task = progress.add_task("osscar", total=graph.spec.depth, info="")
+                log = osscar_model(graph, counts, images, ctx.device, cfg.ridge, cfg.swap_budget, cfg.batch_size,
+                                   progress=lambda: progress.advance(task))
+        else:
+            scores = (magnitude_scores(graph) if cfg.method == "magnitude"
+                      else taylor_scores(graph, images, labels, None, ctx.device, cfg.batch_size))
+            for blk, (nh, nu), (hs, us) in zip(list(graph.spec.blocks), counts, scores, strict=True):
+                if nh < blk.attn.num_heads:
+                    graph.keep_heads(blk.index, sorted(torch.topk(hs, nh).indices.tolist()))
+                if nu < blk.mlp.hidden:
+                    graph.keep_mlp_units(blk.index, sorted(torch.topk(us, nu).indices.tolist()))
+        seconds = time.perf_counter() - t0
+        graph.module.cpu().eval()
+        after = graph.cost()
+        self.metrics = {
+            "method": cfg.method,
+            "aim": aim,
+            "heads": [b.attn.num_heads for b in graph.spec.blocks],
+            "mlp_units": [b.mlp.hidden for b in graph.spec.blocks],
+            "flops_kept": round(after.flops / before.flops, 4),
+            "params_kept": round(after.params / before.params, 4),
+            "prune_seconds": round(seconds, 2),
+            "blocks": log,
+        }
+        ctx.console.print(f"  {cfg.method}: {self.metrics['flops_kept']:.3f} of the FLOPs and "
+                          f"{self.metrics['params_kept']:.3f} of the parameters kept ({seconds:.1f} s)")
+        if cfg.recover is not None:
+            assert unpruned is not None
+            r = cfg.recover
+            objective = DistillObjective(r, graph.module, graph.spec, unpruned.module.to(ctx.device), unpruned.spec,
+                                         teacher_input(graph.spec, None, None, None), r.label_smoothing,
+                                         where="passes.prune.recover")
+            try:
+                self.metrics["recover"] = train(graph.module, objective, r, ctx, ctx.stage_dir, description="recover")
+            finally:
+                objective.close()
+            graph.module.cpu().eval()
+        return graph

@@ -1,0 +1,114 @@
+"""How many heads and MLP units each block keeps: per-layer ratios, per-block overrides, or
+a FLOPs/params target met by searching one uniform ratio (cost is linear in both counts,
+so the search uses exact per-block slopes measured on the graph)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgevit.errors import EdgeVitError
+from edgevit.graph import ModelGraph
+
+
+class BlockRatio(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    heads: float | None = Field(None, ge=0, lt=1)
+    mlp: float | None = Field(None, ge=0, lt=1)
+
+
+class Target(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    metric: Literal["flops", "params"] = "flops"
+    keep: float = Field(gt=0, le=1, description="the pruned model's cost as a fraction of the incoming model's")
+    prune: Literal["both", "heads", "mlp"] = Field("both", description="which groups the uniform ratio applies to")
+
+
+class PlanConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    heads: float = Field(0.0, ge=0, lt=1, description="fraction of attention heads removed in each block")
+    mlp: float = Field(0.0, ge=0, lt=1, description="fraction of MLP hidden units removed in each block")
+    blocks: dict[int, BlockRatio] | None = Field(None, description="per-block ratios overriding heads/mlp")
+    target: Target | None = Field(None, description="prune until flops/params reach this fraction (overrides ratios)")
+    round_to: int = Field(8, ge=1, description="kept MLP units are a multiple of this (aligned shapes run faster)")
+    min_heads: int = Field(1, ge=1, description="heads every block keeps at least")
+
+
+def _keep_units(hidden: int, ratio: float, round_to: int) -> int:
+    if ratio <= 0:
+        return hidden
+    step = min(round_to, hidden)
+    k = int(round(hidden * (1 - ratio) / step)) * step
+    return max(step, min(hidden, k))
+
+
+def _keep_heads(heads: int, ratio: float, floor: int) -> int:
+    return heads if ratio <= 0 else max(min(floor, heads), min(heads, int(round(heads * (1 - ratio)))))
+
+
+def counts_for(graph: ModelGraph, cfg: PlanConfig, heads: float, mlp: float) -> list[tuple[int, int]]:
+    out = []
+    for blk in graph.spec.blocks:
+        r = (cfg.blocks or {}).get(blk.index)
+        h = r.heads if r is not None and r.heads is not None else heads
+        m = r.mlp if r is not None and r.mlp is not None else mlp
+        out.append((_keep_heads(blk.attn.num_heads, h, cfg.min_heads), _keep_units(blk.mlp.hidden, m, cfg.round_to)))
+    return out
+
+
+Slopes = tuple[float, list[float], list[float]]
+
+
+def _slopes(graph: ModelGraph, metric: str) -> Slopes:
+    """Cost of the graph, and per block the cost of one head and of one MLP unit."""
+    def per_block(g: ModelGraph) -> list[float]:
+        rep = g.cost()
+        return [sum(getattr(x, metric) for x in rep.layers if x.block == b.index) for b in g.spec.blocks]
+
+    total = getattr(graph.cost(), metric)
+    base = per_block(graph)
+    h_g, u_g = graph.clone(), graph.clone()
+    for b in graph.spec.blocks:
+        if b.attn.num_heads > 1:
+            h_g.keep_heads(b.index, range(b.attn.num_heads - 1))
+        if b.mlp.hidden > 1:
+            u_g.keep_mlp_units(b.index, range(b.mlp.hidden - 1))
+    dh = [x - y for x, y in zip(base, per_block(h_g), strict=True)]
+    du = [x - y for x, y in zip(base, per_block(u_g), strict=True)]
+    return total, dh, du
+
+
+def predicted(graph: ModelGraph, counts: list[tuple[int, int]], slopes: Slopes) -> float:
+    total, dh, du = slopes
+    for blk, (h, u), a, b in zip(graph.spec.blocks, counts, dh, du, strict=True):
+        total -= (blk.attn.num_heads - h) * a + (blk.mlp.hidden - u) * b
+    return total
+
+
+def plan(graph: ModelGraph, cfg: PlanConfig) -> tuple[list[tuple[int, int]], dict]:
+    """Per block (heads kept, units kept), and what the plan aimed at."""
+    for b in cfg.blocks or {}:
+        if not 0 <= b < graph.spec.depth:
+            raise EdgeVitError(
+                f"passes.prune.blocks: block {b} does not exist; the model has 0..{graph.spec.depth - 1}")
+    if cfg.target is None:
+        return counts_for(graph, cfg, cfg.heads, cfg.mlp), {"heads": cfg.heads, "mlp": cfg.mlp}
+    t = cfg.target
+    slopes = _slopes(graph, t.metric)
+    goal = t.keep * slopes[0]
+    best = None
+    for i in range(0, 1000):  # the smallest uniform ratio that reaches the goal
+        r = i / 1000
+        counts = counts_for(graph, cfg, r if t.prune != "mlp" else 0.0, r if t.prune != "heads" else 0.0)
+        if predicted(graph, counts, slopes) <= goal + 1e-6:
+            best = (r, counts)
+            break
+    if best is None:
+        floor = predicted(graph, counts_for(graph, cfg, 0.999, 0.999), slopes) / slopes[0]
+        raise EdgeVitError(
+            f"passes.prune.target: {t.metric} keep {t.keep} is out of reach; pruning every block to its floor "
+            f"(min_heads {cfg.min_heads}, round_to {cfg.round_to}) leaves {math.ceil(floor * 1000) / 1000:.3f}"
+        )
+    return best[1], {"target_metric": t.metric, "target_keep": t.keep, "uniform_ratio": best[0]}

@@ -1,0 +1,111 @@
+"""OSSCAR over a whole model: block by block, each on the tokens the already-pruned blocks
+produce. Within a block the heads are chosen on the output projection's inputs first, then
+the MLP units on fc2's inputs as the pruned attention leaves them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+import torch
+from torch import nn
+
+from edgevit.graph import ModelGraph
+from edgevit.prune.groups import head_columns, unit_columns
+from edgevit.prune.osscar import GramAccumulator, OsscarResult, osscar_prune
+
+
+class _Reached(Exception):
+    """Raised by a hook to stop a forward pass once block 0's input is captured."""
+
+
+def block0_inputs(graph: ModelGraph, images: torch.Tensor, device: torch.device, batch: int) -> list[torch.Tensor]:
+    """The token sequences entering the first block, per chunk of ``images``."""
+    block = graph.module.get_submodule(graph.spec.block(0).path)
+    out: list[torch.Tensor] = []
+
+    def grab(_m: nn.Module, args: tuple) -> None:
+        out.append(args[0].detach())
+        raise _Reached
+
+    handle = block.register_forward_pre_hook(grab)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), batch):
+                with suppress(_Reached):
+                    graph.module(images[start:start + batch].to(device))
+    finally:
+        handle.remove()
+    return out
+
+
+def run_block(block: nn.Module, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        outs = [block(x) for x in xs]
+    return [o[0] if isinstance(o, (tuple, list)) else o for o in outs]
+
+
+@contextmanager
+def _gram_of(linear: nn.Module) -> Iterator[GramAccumulator]:
+    acc = GramAccumulator(linear.in_features)
+    handle = linear.register_forward_pre_hook(lambda _m, args: acc.add(args[0]))
+    try:
+        yield acc
+    finally:
+        handle.remove()
+
+
+def refit_layer(graph: ModelGraph, path: str, block: nn.Module, xs: list[torch.Tensor], groups: torch.Tensor,
+                keep: int, ridge: float, swap_budget: int) -> tuple[OsscarResult, torch.Tensor]:
+    """Choose ``keep`` groups of ``path``'s input columns and write the re-fitted weights (and
+    bias) into the full-width layer; returns the result and the layer's Gram matrix."""
+    linear = graph.module.get_submodule(path)
+    with _gram_of(linear) as acc:
+        run_block(block, xs)
+    d = linear.in_features
+    h = acc.gram(ridge)
+    has_bias = linear.bias is not None
+    w_hat = linear.weight.detach().T.double().cpu()
+    if has_bias:
+        w_hat = torch.cat([w_hat, linear.bias.detach().double().cpu()[None]], dim=0)
+    else:
+        h = h[:d, :d]
+    res = osscar_prune(h, w_hat, groups, keep, fixed=torch.tensor([d]) if has_bias else None,
+                       swap_budget=swap_budget)
+    cols = groups[res.keep].reshape(-1)
+    weight = torch.zeros_like(linear.weight, dtype=torch.float64)
+    weight[:, cols] = res.weight[: len(cols)].T.to(weight.device)
+    graph.assign_linear(path, weight, res.weight[len(cols)] if has_bias else None)
+    return res, h
+
+
+def osscar_model(graph: ModelGraph, counts: list[tuple[int, int]], images: torch.Tensor, device: torch.device,
+                 ridge: float = 1e-2, swap_budget: int = 30, batch: int = 32,
+                 progress=None) -> list[dict]:  # noqa: ANN001
+    """Prune every block to ``counts`` (heads, units) in order; per-block log."""
+    graph.module.to(device).eval()
+    xs = block0_inputs(graph, images, device, batch)
+    log = []
+    for blk_spec, (n_heads, n_units) in zip(list(graph.spec.blocks), counts, strict=True):
+        t0 = time.perf_counter()
+        b = blk_spec.index
+        block = graph.module.get_submodule(blk_spec.path)
+        entry: dict = {"block": b}
+        if n_heads < blk_spec.attn.num_heads:
+            res, _ = refit_layer(graph, blk_spec.attn.proj, block, xs, head_columns(blk_spec), n_heads, ridge,
+                                 swap_budget)
+            graph.keep_heads(b, res.keep)
+            entry.update(heads_kept=res.keep, heads_objective=res.objective, heads_swaps=res.swaps)
+        spec = graph.spec.block(b)
+        if n_units < spec.mlp.hidden:
+            res, _ = refit_layer(graph, spec.mlp.fc2, block, xs, unit_columns(spec), n_units, ridge, swap_budget)
+            graph.keep_mlp_units(b, res.keep)
+            entry.update(units_kept=len(res.keep), units_objective=res.objective, units_swaps=res.swaps,
+                         units_greedy_objective=res.greedy_objective)
+        xs = run_block(block, xs)
+        entry["seconds"] = round(time.perf_counter() - t0, 3)
+        log.append(entry)
+        if progress is not None:
+            progress()
+    return log
