@@ -21,17 +21,14 @@ the validation / test split. Not part of the test suite.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
-import tarfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("EDGEVIT_SHARED_DATA", REPO.parent / "shared" / "data"))
-CACHE = Path(os.environ.get("EDGEVIT_CACHE", Path.home() / ".cache" / "edgevit"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, SKIP, cifar_data, cifar_dirs, cifar_teacher, quiet_console  # noqa: E402
 
 VARIANTS = {  # name: (init, loss weights)
     "scratch": ("random", dict(ce=1.0, kd=0.0, feature=0.0, mgd=0.0)),
@@ -42,32 +39,14 @@ VARIANTS = {  # name: (init, loss weights)
 }
 
 
-def cifar_dirs() -> tuple[Path, Path] | None:
-    tar = SHARED / "cifar10-jpg-all.tar.gz"
-    if not tar.is_file():
-        return None
-    root = CACHE / "cifar10-jpg"
-    if not (root / ".unpacked").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        print(f"unpacking {tar} → {root}", file=sys.stderr)
-        with tarfile.open(tar) as t:
-            t.extractall(root, filter="data")
-        (root / ".unpacked").write_text("ok")
-    train = next(root.rglob("train"))
-    return train, train.parent / "test"
-
-
 def run(recipe: dict, out: Path) -> dict:
-    from rich.console import Console
-
     from edgevit.pipeline import Pipeline
     from edgevit.recipe import parse_recipe
     from edgevit.registry import Registry
 
     reg = Registry()
     rec, steps = parse_recipe(recipe, REPO, reg)
-    console = Console(stderr=True) if sys.stderr.isatty() else Console(file=io.StringIO())
-    Pipeline(rec, steps, out, reg, console).run()
+    Pipeline(rec, steps, out, reg, quiet_console()).run()
     last = sorted(p for p in out.iterdir() if p.is_dir() and p.name[:2].isdigit())[-1]
     return json.loads((last / "metrics.json").read_text())
 
@@ -137,17 +116,11 @@ def main() -> None:
         results["digits"] = bench("digits", model, data, {"depth": 2, "num_heads": 2, "mlp_ratio": 0.75}, train,
                                   args.out, args.device, m["metrics"]["val_top1"])
     if args.dataset in ("cifar10", "both"):
-        dirs = cifar_dirs()
-        card = SHARED / "vit_cifar10_teacher.json"
-        if dirs is None or not card.is_file():
-            print(f"cifar10: skipped: {SHARED} has no cifar10-jpg-all.tar.gz / vit_cifar10_teacher.json "
-                  "(set EDGEVIT_SHARED_DATA to the folder that has them)")
+        dirs, model = cifar_dirs(), cifar_teacher()
+        if dirs is None or model is None:
+            print(f"cifar10: skipped: {SKIP}")
         else:
-            c = json.loads(card.read_text())
-            model = {"source": "timm", "architecture": "VisionTransformer", "kwargs": c["kwargs"],
-                     "checkpoint": str(SHARED / "vit_cifar10_teacher.safetensors"), "mean": c["mean"], "std": c["std"]}
-            data = {"source": "imagefolder", "train": str(dirs[0]), "val": str(dirs[1]), "batch_size": 128,
-                    "eval_batch_size": 500, "augment": "crop_flip", "limit_train": args.train_limit}
+            data = cifar_data(dirs, augment="crop_flip", limit_train=args.train_limit)
             train = {"epochs": args.epochs or 4, "lr": 1e-3, "warmup_epochs": 0.5}
             t1 = teacher_top1(model, data, args.device)
             results["cifar10"] = bench("cifar10", model, data, {"depth": 3, "num_heads": 3, "mlp_ratio": 0.75},

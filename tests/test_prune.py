@@ -180,3 +180,27 @@ def test_recovery_distils_from_the_unpruned_model(tmp_path: Path) -> None:
     m = json.loads((tmp_path / "run" / "02-prune" / "metrics.json").read_text())["metrics"]
     assert set(m["recover"]["log"][0]) >= {"ce", "kd", "val_top1"}
     assert ModelGraph.load(tmp_path / "run" / "02-prune").spec.block(0).mlp.hidden == 32
+
+
+def test_global_allocation_takes_from_the_weakest_block_and_keeps_a_floor() -> None:
+    from edgevit.prune.plan import global_counts
+    from tests.conftest import _timm_vit
+
+    module, build = _timm_vit()
+    g = ModelGraph.from_module(module.eval(), build)
+    scores = magnitude_scores(g)
+    base = global_counts(g, PlanConfig(allocation="global", round_to=1, min_keep=0.25), scores, 0.25, 0.25)
+    assert sum(h for h, _ in base) == 6 and sum(u for _, u in base) == 96  # 25 % of 8 heads, of 128 units
+    scaled = [scores[0], (scores[1][0] * 0.01, scores[1][1] * 0.01)]  # scores are normalised per block
+    assert global_counts(g, PlanConfig(allocation="global", round_to=1, min_keep=0.25), scaled, 0.25, 0.25) == base
+    weak = [(torch.tensor([1.0, 1.0, 1.0, 1.0]), scores[0][1]),
+            (torch.tensor([1.0, 0.01, 0.01, 0.01]), scores[1][1])]  # three weak heads in block 1
+    counts = global_counts(g, PlanConfig(allocation="global", min_keep=0.25), weak, 0.5, 0.0)
+    assert [h for h, _ in counts] == [3, 1]  # block 1's three weak heads, then the next lowest, in block 0
+    counts = global_counts(g, PlanConfig(allocation="global", min_keep=0.5), weak, 0.5, 0.0)
+    assert [h for h, _ in counts] == [2, 2]  # block 1 stops at its floor (half), block 0 gives the rest
+    with pytest.raises(EdgeVitError, match="global allocation"):
+        from edgevit.context import RunContext  # noqa: F401
+        from edgevit.passes.prune import PrunePass
+
+        PrunePass(PrunePass.Config(method="osscar", allocation="global", mlp=0.5)).run(g, None)  # type: ignore[arg-type]

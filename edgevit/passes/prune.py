@@ -16,10 +16,11 @@ from pydantic import Field
 from edgevit.context import RunContext
 from edgevit.distill import DistillObjective, LossConfig
 from edgevit.distill.objective import teacher_input
+from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
 from edgevit.passes.base import Pass, PassConfig
 from edgevit.prune.importance import magnitude_scores, taylor_scores
-from edgevit.prune.plan import PlanConfig, plan
+from edgevit.prune.plan import PlanConfig, global_counts, plan
 from edgevit.prune.reconstruct import osscar_model
 from edgevit.training.loop import TrainConfig, train
 
@@ -48,6 +49,11 @@ class PrunePass(Pass):
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
         cfg: PruneConfig = self.config  # type: ignore[assignment]
         before = graph.cost()
+        if cfg.allocation == "global" and (cfg.method == "osscar" or cfg.target is not None or cfg.blocks):
+            raise EdgeVitError(
+                "passes.prune.allocation: global allocation ranks magnitude/taylor scores across blocks; use "
+                "method magnitude or taylor with heads/mlp ratios (osscar and targets allocate uniformly)"
+            )
         counts, aim = plan(graph, cfg)
         unpruned = graph.clone() if cfg.recover is not None else None
         t0 = time.perf_counter()
@@ -61,6 +67,8 @@ class PrunePass(Pass):
         else:
             scores = (magnitude_scores(graph) if cfg.method == "magnitude"
                       else taylor_scores(graph, images, labels, None, ctx.device, cfg.batch_size))
+            if cfg.allocation == "global":
+                counts = global_counts(graph, cfg, scores, cfg.heads, cfg.mlp)
             for blk, (nh, nu), (hs, us) in zip(list(graph.spec.blocks), counts, scores, strict=True):
                 if nh < blk.attn.num_heads:
                     graph.keep_heads(blk.index, sorted(torch.topk(hs, nh).indices.tolist()))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgevit.errors import EdgeVitError
@@ -32,6 +33,10 @@ class PlanConfig(BaseModel):
     mlp: float = Field(0.0, ge=0, lt=1, description="fraction of MLP hidden units removed in each block")
     blocks: dict[int, BlockRatio] | None = Field(None, description="per-block ratios overriding heads/mlp")
     target: Target | None = Field(None, description="prune until flops/params reach this fraction (overrides ratios)")
+    allocation: Literal["uniform", "global"] = Field(
+        "uniform", description="uniform: every block loses the same fraction; global: the fraction is over the "
+        "whole model and blocks lose what ranks lowest (magnitude/taylor scores, normalised per block)")
+    min_keep: float = Field(0.1, gt=0, le=1, description="global: the fraction of each block's groups that stays")
     round_to: int = Field(8, ge=1, description="kept MLP units are a multiple of this (aligned shapes run faster)")
     min_heads: int = Field(1, ge=1, description="heads every block keeps at least")
 
@@ -112,3 +117,29 @@ def plan(graph: ModelGraph, cfg: PlanConfig) -> tuple[list[tuple[int, int]], dic
             f"(min_heads {cfg.min_heads}, round_to {cfg.round_to}) leaves {math.ceil(floor * 1000) / 1000:.3f}"
         )
     return best[1], {"target_metric": t.metric, "target_keep": t.keep, "uniform_ratio": best[0]}
+
+
+def global_counts(graph: ModelGraph, cfg: PlanConfig, scores: list[tuple[torch.Tensor, torch.Tensor]],
+                  heads: float, mlp: float) -> list[tuple[int, int]]:
+    """Remove ``heads``/``mlp`` of all heads/units in the model, lowest score first (each block's
+    scores divided by their mean so blocks compare), never below ``min_keep`` of a block."""
+    out = [[b.attn.num_heads, b.mlp.hidden] for b in graph.spec.blocks]
+    for k, ratio in ((0, heads), (1, mlp)):
+        if ratio <= 0:
+            continue
+        sizes = [len(s[k]) for s in scores]
+        norm = [s[k].double() / s[k].double().mean().clamp_min(1e-30) for s in scores]
+        floors = [max(cfg.min_heads if k == 0 else 1, math.ceil(cfg.min_keep * n)) for n in sizes]
+        order = sorted((float(v), b) for b, vals in enumerate(norm) for v in vals)
+        to_remove = int(round(ratio * sum(sizes)))
+        for _, b in order:
+            if to_remove == 0:
+                break
+            if out[b][k] > floors[b]:
+                out[b][k] -= 1
+                to_remove -= 1
+    counts = []
+    for (h, u), blk in zip(out, graph.spec.blocks, strict=True):
+        step = min(cfg.round_to, blk.mlp.hidden)
+        counts.append((h, u if u == blk.mlp.hidden else max(step, int(round(u / step)) * step)))
+    return counts

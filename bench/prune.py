@@ -1,0 +1,154 @@
+"""Pruning benchmark: one-shot accuracy of magnitude / taylor / osscar, pruning time, and the
+real speed-up of the physically smaller model.
+
+On the reference CIFAR-10 teacher (../shared/data): prune 25 / 50 / 75 % of the MLP units,
+and separately of the attention heads, in every block, with each method and no fine-tuning;
+top-1 on the 10,000 test images right after. Then the ONNX Runtime CPU latency (batch 1,
+median after warm-up, each model in its own process) of the unpruned model and of the
+50 %-pruned ones, and OSSCAR's time on a ViT-Small-shaped timm model (random weights, 256
+calibration images at 224 px). Not part of the test suite.
+
+    python bench/prune.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SKIP, cifar_data, cifar_dirs, cifar_teacher, quiet_console  # noqa: E402
+
+METHODS = ("magnitude", "taylor", "osscar")
+RATIOS = (0.25, 0.5, 0.75)
+
+
+def context(recipe_data: dict, graph, device: str, run_dir: Path):  # noqa: ANN001, ANN201
+    from edgevit.context import RunContext, resolve_device
+    from edgevit.data import build_data
+    from edgevit.recipe import Recipe
+    from edgevit.registry import Registry
+
+    rec = Recipe.model_validate(recipe_data)
+    data = build_data(rec.data, graph.spec, rec.seed)
+    return RunContext(recipe=rec, run_dir=run_dir, data=data, device=resolve_device(device), console=quiet_console(),
+                      registry=Registry(), seed=rec.seed, stage_dir=run_dir)
+
+
+def prune(graph, ctx, **cfg):  # noqa: ANN001, ANN201
+    from edgevit.passes.prune import PrunePass
+
+    p = PrunePass(PrunePass.Config(**cfg))
+    g = graph.clone()
+    t0 = time.perf_counter()
+    out = p.run(g, ctx)
+    return out, time.perf_counter() - t0, p.metrics
+
+
+def latency(graph, tmp: Path, name: str, runs: int) -> float:  # noqa: ANN001
+    from edgevit.onnx_io import export_onnx
+    from edgevit.passes.benchmark import BenchmarkConfig, measure_latency
+
+    path = tmp / f"{name}.onnx"
+    export_onnx(graph, path, opset=17)
+    return measure_latency(path, 1, BenchmarkConfig(runs=runs, warmup=20))["median_ms"]
+
+
+def vit_small_seconds(device: str) -> tuple[float, list]:
+    """OSSCAR on a ViT-Small-shaped model: 12 blocks, 384 wide, 6 heads, 1536 MLP units."""
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    from edgevit.graph import ModelGraph
+    from edgevit.prune.plan import PlanConfig, plan
+    from edgevit.prune.reconstruct import osscar_model
+
+    kw = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, num_classes=1000)
+    torch.manual_seed(0)
+    g = ModelGraph.from_module(VisionTransformer(**kw).eval(), {"architecture": "VisionTransformer", "kwargs": kw})
+    images = torch.randn(256, 3, 224, 224)
+    counts, _ = plan(g, PlanConfig(heads=0.5, mlp=0.5))
+    t0 = time.perf_counter()
+    log = osscar_model(g, counts, images, torch.device("cpu" if device == "auto" else device), batch=32)
+    return time.perf_counter() - t0, log
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--calibration", type=int, default=512, help="calibration images (train split, class-stratified)")
+    ap.add_argument("--runs", type=int, default=200, help="latency runs per model")
+    ap.add_argument("--skip-vit-small", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from edgevit.models.sources import load_model
+    from edgevit.recipe import Recipe
+    from edgevit.training import evaluate_top1
+
+    dirs, model = cifar_dirs(), cifar_teacher()
+    if dirs is None or model is None:
+        print(f"prune: skipped: {SKIP}")
+        return
+    recipe = {"name": "bench-prune", "seed": 0, "device": args.device, "model": model,
+              "data": cifar_data(dirs), "calibration": {"num_samples": args.calibration, "split": "train"}}
+    teacher = load_model(Recipe.model_validate(recipe).model)
+    tmp = Path(tempfile.mkdtemp(prefix="edgevit-bench-prune-"))
+    ctx = context(recipe, teacher, args.device, tmp)
+    t_top1 = evaluate_top1(teacher.module.to(ctx.device), ctx.data.val_loader(), ctx.device)
+    teacher.module.cpu()
+    print(f"teacher: top-1 {t_top1:.2f}%, {teacher.num_params() / 1e6:.2f} M params, "
+          f"{teacher.cost().flops / 1e6:.1f} MFLOPs; calibration {args.calibration} train images", file=sys.stderr)
+    ctx.calibration()  # draw once, outside the timings
+    results: dict[tuple[str, str, float], tuple[float, float]] = {}
+    pruned50: dict[str, object] = {}
+    for what in ("mlp", "heads"):
+        for ratio in RATIOS:
+            for method in METHODS:
+                g, seconds, m = prune(teacher, ctx, method=method, **{what: ratio})
+                top1 = evaluate_top1(g.module.to(ctx.device), ctx.data.val_loader(), ctx.device)
+                g.module.cpu()
+                results[(what, method, ratio)] = (top1, seconds)
+                if ratio == 0.5 and method == "osscar":
+                    pruned50[what] = g
+                print(f"  {what} {int(ratio * 100)}% {method:<9} top-1 {top1:6.2f}%  {seconds:6.2f} s  "
+                      f"(flops kept {m['flops_kept']:.3f})", file=sys.stderr)
+    both, both_s, both_m = prune(teacher, ctx, method="osscar", heads=0.5, mlp=0.5)
+    both_top1 = evaluate_top1(both.module.to(ctx.device), ctx.data.val_loader(), ctx.device)
+    both.module.cpu()
+
+    print(f"\none-shot top-1 % on CIFAR-10 test (teacher {t_top1:.2f}%), no fine-tuning; pruning seconds")
+    print(f"{'pruned':<12}" + "".join(f"{m:>12}" for m in METHODS) + "".join(f"{m[:6] + ' s':>10}" for m in METHODS))
+    for what in ("mlp", "heads"):
+        for ratio in RATIOS:
+            row = [results[(what, m, ratio)] for m in METHODS]
+            print(f"{what + ' ' + str(int(ratio * 100)) + '%':<12}" + "".join(f"{t:>12.2f}" for t, _ in row)
+                  + "".join(f"{s:>10.2f}" for _, s in row))
+    print(f"heads+mlp 50% osscar: top-1 {both_top1:.2f}%, flops kept {both_m['flops_kept']:.3f}, {both_s:.2f} s")
+
+    lat = {"unpruned": latency(teacher, tmp, "unpruned", args.runs)}
+    lat["mlp50"] = latency(pruned50["mlp"], tmp, "mlp50", args.runs)
+    lat["heads50"] = latency(pruned50["heads"], tmp, "heads50", args.runs)
+    lat["heads+mlp50"] = latency(both, tmp, "both50", args.runs)
+    print("\nONNX Runtime CPU latency, batch 1, median of "
+          f"{args.runs} runs after warm-up ({os.cpu_count()} cores):")
+    for name, ms in lat.items():
+        print(f"  {name:<12} {ms:7.3f} ms   speed-up ×{lat['unpruned'] / ms:.2f}")
+
+    if not args.skip_vit_small:
+        secs, log = vit_small_seconds(args.device)
+        per_block = ", ".join(f"{e['seconds']:.1f}" for e in log)
+        print(f"\nosscar on ViT-Small shape (12×384, 6 heads, 1536 units), 256 images at 224 px, heads+mlp 50%: "
+              f"{secs:.1f} s (per block: {per_block})")
+    print(f"prune: mlp50_magnitude_top1={results[('mlp', 'magnitude', 0.5)][0]:.2f} "
+          f"mlp50_taylor_top1={results[('mlp', 'taylor', 0.5)][0]:.2f} "
+          f"mlp50_osscar_top1={results[('mlp', 'osscar', 0.5)][0]:.2f} teacher_top1={t_top1:.2f} "
+          f"latency_ratio_50={lat['unpruned'] / lat['heads+mlp50']:.2f} "
+          f"osscar_seconds={results[('mlp', 'osscar', 0.5)][1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
