@@ -101,4 +101,12 @@ def stage_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
             vs = f"; {ratio:.3f}× the teacher's FLOPs" if ratio is not None else ""
             notes.append((s["stage"], f"student {m['student']}{vs}; trained to {m.get('val_top1')}% "
                                       f"val top-1 in {m.get('epochs')} epochs"))
+        if "flops_kept" in m and "method" in m:
+            aim = m.get("aim") or {}
+            goal = (f" (target: {aim['target_metric']} {aim['target_keep']})" if "target_metric" in aim else "")
+            rec = m.get("recover")
+            after = f"; recovered to {rec['val_top1']}% val top-1 in {rec['epochs']} epochs" if rec else "; one-shot"
+            notes.append((s["stage"], f"{m['method']} pruning kept {m['flops_kept']:.3f} of the FLOPs and "
+                                      f"{m['params_kept']:.3f} of the parameters{goal}; heads per block "
+                                      f"{m['heads']}, MLP units {m['mlp_units']}{after}"))
     return notes

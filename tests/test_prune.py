@@ -179,6 +179,7 @@ def test_recovery_distils_from_the_unpruned_model(tmp_path: Path) -> None:
     _run(data, tmp_path / "run")
     m = json.loads((tmp_path / "run" / "02-prune" / "metrics.json").read_text())["metrics"]
     assert set(m["recover"]["log"][0]) >= {"ce", "kd", "val_top1"}
+    assert "magnitude pruning kept" in (tmp_path / "run" / "report.md").read_text()
     assert ModelGraph.load(tmp_path / "run" / "02-prune").spec.block(0).mlp.hidden == 32
 
 
