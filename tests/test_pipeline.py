@@ -139,3 +139,18 @@ def test_no_resume_reruns_everything(tmp_path) -> None:
     buf = io.StringIO()
     Pipeline(recipe, steps, tmp_path / "run", Registry(), Console(file=buf), resume=False).run()
     assert "reused" not in buf.getvalue()
+
+
+def test_calibration_from_the_train_split_is_not_augmented() -> None:
+    from edgevit.data import build_data
+    from edgevit.data.config import DigitsData
+    from edgevit.graph import ModelGraph
+    from tests.conftest import _builtin
+
+    module, build = _builtin()
+    spec = ModelGraph.from_module(module, build).spec
+    data = build_data(DigitsData(source="digits", augment="crop_flip"), spec, 0)
+    a, la = data.sample(30, 0, "train")
+    b, lb = data.sample(30, 0, "train")
+    assert torch.equal(a, b) and torch.equal(la, lb)  # the same images, every time
+    assert not all(torch.equal(data.train[0][0], data.train[0][0]) for _ in range(5))  # training does augment

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class DataBundle:
     batch_size: int
     eval_batch_size: int
     num_workers: int = 0
+    train_plain: Dataset | None = None  # the training images without augmentation (calibration)
 
     def train_loader(self, seed: int, epoch: int, rank: int = 0, world: int = 1) -> DataLoader:
         """Shuffled deterministically by (seed, epoch), so a resumed run sees the same order.
@@ -77,7 +79,7 @@ class DataBundle:
 
     def sample(self, n: int, seed: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` images, class-stratified and deterministic by seed (calibration, parity checks)."""
-        ds = self.val if split == "val" else self.train
+        ds = self.val if split == "val" else (self.train_plain or self.train)
         labels = np.array([_label(ds, i) for i in range(len(ds))])
         rng = np.random.default_rng(seed)
         per_class = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
@@ -96,6 +98,15 @@ def _label(ds: Dataset, i: int) -> int:
     if isinstance(ds, ArrayDataset):
         return int(ds.labels[i])
     return int(ds.targets[i])  # torchvision ImageFolder
+
+
+def _with_transform(ds: Dataset, transform) -> Dataset:  # noqa: ANN001
+    """The same images under another transform (a shallow copy; the file list is shared)."""
+    if isinstance(ds, Subset):
+        return Subset(_with_transform(ds.dataset, transform), ds.indices)
+    out = copy.copy(ds)
+    out.transform = transform  # type: ignore[attr-defined]
+    return out
 
 
 def _limit(ds: Dataset, n: int | None, seed: int) -> Dataset:
@@ -204,4 +215,5 @@ def build_data(cfg: ImageFolderData | DigitsData | NpzData, spec: GraphSpec, see
     train, val = _limit(train, cfg.limit_train, seed), _limit(val, cfg.limit_val, seed + 1)
     if len(train) == 0 or len(val) == 0:
         raise EdgeVitError("data: the training or validation set is empty")
-    return DataBundle(train, val, len(names), names, cfg.batch_size, cfg.eval_batch_size, cfg.num_workers)
+    return DataBundle(train, val, len(names), names, cfg.batch_size, cfg.eval_batch_size, cfg.num_workers,
+                      train_plain=_with_transform(train, val_tf))

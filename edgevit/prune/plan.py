@@ -50,7 +50,8 @@ def _keep_units(hidden: int, ratio: float, round_to: int) -> int:
 
 
 def _keep_heads(heads: int, ratio: float, floor: int) -> int:
-    return heads if ratio <= 0 else max(min(floor, heads), min(heads, int(round(heads * (1 - ratio)))))
+    """Nearest count, halves rounded towards keeping (6 heads at 25 % keep 5, not 4)."""
+    return heads if ratio <= 0 else max(min(floor, heads), min(heads, math.floor(heads * (1 - ratio) + 0.5)))
 
 
 def counts_for(graph: ModelGraph, cfg: PlanConfig, heads: float, mlp: float) -> list[tuple[int, int]]:
