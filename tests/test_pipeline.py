@@ -154,3 +154,20 @@ def test_calibration_from_the_train_split_is_not_augmented() -> None:
     b, lb = data.sample(30, 0, "train")
     assert torch.equal(a, b) and torch.equal(la, lb)  # the same images, every time
     assert not all(torch.equal(data.train[0][0], data.train[0][0]) for _ in range(5))  # training does augment
+
+
+def test_embedded_demo_recipe_is_valid_and_runs_the_paper_order() -> None:
+    from edgevit.recipe import load_recipe
+
+    recipe, steps = load_recipe(None, [], Registry())
+    assert [s.name for s in steps] == ["adapt", "distill", "prune", "export", "benchmark"]
+    assert recipe.data.source == "digits"  # offline
+
+
+@pytest.mark.slow
+def test_embedded_demo_runs_end_to_end(tmp_path: Path) -> None:
+    res = run_cli("compress", "--out", str(tmp_path / "demo"))
+    assert res.returncode == 0, res.stderr
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "demo" / "report.json").read_text())["stages"]}
+    assert rows["02-distill"]["top1"] > 90 and rows["02-distill"]["flops"] < rows["01-adapt"]["flops"] / 4
+    assert rows["03-prune"]["params"] < rows["02-distill"]["params"]
