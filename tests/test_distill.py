@@ -144,6 +144,7 @@ def test_a_cnn_teacher_gives_logit_kd_and_a_clear_error_for_features() -> None:
     assert set(terms) == {"ce", "kd"} and student.module.head.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in cnn.parameters())  # the teacher never trains
     obj.close()
+    assert all(p.requires_grad for p in cnn.parameters())  # and is handed back as it came
     with pytest.raises(EdgeVitError, match="logits only"):
         DistillObjective(LossConfig(), student.module, student.spec, cnn, None, conv)
 

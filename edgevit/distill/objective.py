@@ -121,7 +121,9 @@ class DistillObjective:
         where: str = "distill",
     ) -> None:
         self.cfg = cfg
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher = teacher.eval()
+        self._teacher_flags = [(p, p.requires_grad) for p in teacher.parameters()]
+        teacher.requires_grad_(False)  # restored by close(): the caller's module is not changed for good
         self.teacher_input = teacher_input
         self.ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.projectors = nn.ModuleDict()
@@ -175,6 +177,8 @@ class DistillObjective:
         return [self.projectors, self.generators]
 
     def close(self) -> None:
+        for p, flag in self._teacher_flags:
+            p.requires_grad_(flag)
         self.s_tap.remove()
         if self.t_tap is not None:
             self.t_tap.remove()

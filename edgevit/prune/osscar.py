@@ -40,9 +40,13 @@ class GramAccumulator:
         self.h += xa.T @ xa
         self.n += x.shape[0]
 
-    def gram(self, ridge: float) -> torch.Tensor:
+    def gram(self, ridge: float, bias: bool = True) -> torch.Tensor:
+        """H (with the ones column unless ``bias`` is False) + λ·mean(diag of the inputs' part)·I."""
         h = self.h / max(self.n, 1)
-        return h + ridge * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+        if not bias:
+            h = h[:-1, :-1]
+        scale = h.diagonal()[: h.shape[0] - (1 if bias else 0)].mean()
+        return h + ridge * scale * torch.eye(h.shape[0], dtype=h.dtype)
 
 
 @dataclass
@@ -136,33 +140,37 @@ def osscar_prune(
     while len(kept) > keep:
         costs = st.drop_costs(groups[kept])
         k = min(step, len(kept) - keep)
-        order = torch.argsort(costs)[:k].tolist()
-        gone = [kept[i] for i in order]
-        st.drop(groups[gone].reshape(-1))
-        kept = [g for g in kept if g not in set(gone)]
+        gone = {kept[i] for i in torch.argsort(costs)[:k].tolist()}
+        st.drop(groups[sorted(gone)].reshape(-1))
+        kept = [g for g in kept if g not in gone]
     greedy = st.objective()
-    # local search: swap s kept for s pruned groups, accept only if the exact objective falls
+    # local search: swap s kept for s pruned groups, accept only if the exact objective falls;
+    # a rejected swap halves s, and at s = 1 the next-cheapest kept group is tried in turn
     swaps = 0
-    pruned = [g for g in range(n) if g not in set(kept)]
+    kept_set = set(kept)
+    pruned = [g for g in range(n) if g not in kept_set]
     s = min(max_swap or max(1, n // 16), len(kept), len(pruned))
     current = greedy
     budget = swap_budget if pruned else 0
-    while s > 0 and budget > 0:
+    rank = 0  # at s = 1: which kept group (by drop cost) to try swapping out
+    while s > 0 and budget > 0 and rank < len(kept):
         budget -= 1
         trial = st.copy()
-        costs = trial.drop_costs(groups[kept])
-        out = [kept[i] for i in torch.argsort(costs)[:s].tolist()]
+        order = torch.argsort(trial.drop_costs(groups[kept])).tolist()
+        out = [kept[i] for i in (order[:s] if s > 1 else order[rank:rank + 1])]
         trial.drop(groups[out].reshape(-1))
         gains = trial.add_gains(groups[pruned])
         inn = [pruned[i] for i in torch.argsort(gains, descending=True)[:s].tolist()]
         trial.add(groups[inn].reshape(-1))
         value = trial.objective()
-        if value < current * (1 - 1e-9):
-            st, current, swaps = trial, value, swaps + 1
+        if value < current - 1e-9 * abs(current):
+            st, current, swaps, rank = trial, value, swaps + 1, 0
             kept = sorted((set(kept) - set(out)) | set(inn))
             pruned = sorted((set(pruned) - set(inn)) | set(out))
-        else:
+        elif s > 1:
             s //= 2
+        else:
+            rank += 1
     # exact least-squares re-fit on the final set
     cols = groups[sorted(kept)].reshape(-1)
     if fixed is not None:

@@ -64,13 +64,11 @@ def refit_layer(graph: ModelGraph, path: str, block: nn.Module, xs: list[torch.T
     with _gram_of(linear) as acc:
         run_block(block, xs)
     d = linear.in_features
-    h = acc.gram(ridge)
     has_bias = linear.bias is not None
+    h = acc.gram(ridge, bias=has_bias)
     w_hat = linear.weight.detach().T.double().cpu()
     if has_bias:
         w_hat = torch.cat([w_hat, linear.bias.detach().double().cpu()[None]], dim=0)
-    else:
-        h = h[:d, :d]
     res = osscar_prune(h, w_hat, groups, keep, fixed=torch.tensor([d]) if has_bias else None,
                        swap_budget=swap_budget)
     cols = groups[res.keep].reshape(-1)
