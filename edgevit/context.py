@@ -64,7 +64,13 @@ class RunContext:
         """The recipe's calibration images (class-stratified, fixed by seed) and labels."""
         if self._calibration is None:
             c = self.recipe.calibration
-            self._calibration = self.data.sample(c.num_samples, self.seed, c.split)
+            if c.manifest is not None:
+                from edgevit.calib import load_manifest_images
+
+                prep = self.data.prep or {}
+                self._calibration = load_manifest_images(c.manifest, prep["img_size"], prep["mean"], prep["std"])
+            else:
+                self._calibration = self.data.sample(c.num_samples, self.seed, c.split)
         return self._calibration
 
     def progress(self) -> Progress:

@@ -29,6 +29,7 @@ from edgevit.errors import EdgeVitError
 from edgevit.fileio import read_json, replace_dir, write_json, write_text
 from edgevit.graph import HistoryEntry, ModelGraph
 from edgevit.models.sources import load_model
+from edgevit.profiles import load_profile
 from edgevit.recipe import PassStep, Recipe, stable_hash
 from edgevit.report import build_report
 from edgevit.training import distributed
@@ -79,6 +80,7 @@ class Pipeline:
         torch.manual_seed(r.seed)
         # everything that can fail on bad input happens before the run dir is touched
         source = load_model(r.model, self.registry)
+        profile = load_profile(r.profile) if r.profile else None
         data = build_data(r.data, source.spec, r.seed)
         self._check_classes(source, data.num_classes)
         where = f" ({env.world} processes)" if env.enabled else ""
@@ -97,7 +99,8 @@ class Pipeline:
         records: list[StageRecord] = []
         done: list[dict[str, Any]] = []
         ctx = RunContext(recipe=r, run_dir=self.run_dir, data=data, device=device, console=self.console,
-                         registry=self.registry, seed=r.seed, _teacher=lambda: self._teacher(records))
+                         registry=self.registry, seed=r.seed, profile=profile,
+                         _teacher=lambda: self._teacher(records))
         graph: ModelGraph | None = None
         reusing = self.resume
         for i, name in enumerate(names):

@@ -27,6 +27,7 @@ class CalibrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_samples: int = Field(64, ge=1, description="class-stratified images drawn by seed")
     split: Literal["train", "val"] = "train"
+    manifest: Path | None = Field(None, description="a manifest from `edgevit calib build` (overrides the sampling)")
 
 
 class Recipe(BaseModel):
@@ -95,7 +96,8 @@ def _format_error(err: ValidationError, prefix: str, model: type[BaseModel] | No
 def resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Make the recipe's relative paths relative to the recipe file, not the shell's cwd
     (also model sources nested in pass configs, e.g. a distillation teacher's checkpoint)."""
-    for section, keys in (("model", ("checkpoint", "path")), ("data", ("train", "val", "path"))):
+    for section, keys in (("model", ("checkpoint", "path")), ("data", ("train", "val", "path")),
+                          ("calibration", ("manifest",))):
         _resolve(data.get(section), keys, base)
     for step in data.get("passes") or []:
         if isinstance(step, dict):

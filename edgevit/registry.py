@@ -22,6 +22,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "adapt": "edgevit.passes.adapt:AdaptPass",
         "distill": "edgevit.passes.distill:DistillPass",
         "prune": "edgevit.passes.prune:PrunePass",
+        "quantize": "edgevit.passes.quantize:QuantizePass",
         "export": "edgevit.passes.export:ExportPass",
         "benchmark": "edgevit.passes.benchmark:BenchmarkPass",
     },

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from edgevit import __version__
-from edgevit.cli import compress, inspect, passes, profiles
+from edgevit.cli import calib, compress, inspect, passes, profiles
 from edgevit.errors import EdgeVitError
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app.command("compress")(compress.compress)
 app.command("inspect")(inspect.inspect)
 app.command("passes")(passes.passes)
 app.command("profiles")(profiles.profiles)
+app.add_typer(calib.app, name="calib")
 
 
 def _version(value: bool) -> None:

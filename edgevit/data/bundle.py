@@ -55,6 +55,7 @@ class DataBundle:
     eval_batch_size: int
     num_workers: int = 0
     train_plain: Dataset | None = None  # the training images without augmentation (calibration)
+    prep: dict | None = None  # img_size, mean, std the images are prepared with
 
     def train_loader(self, seed: int, epoch: int, rank: int = 0, world: int = 1) -> DataLoader:
         """Shuffled deterministically by (seed, epoch), so a resumed run sees the same order.
@@ -77,9 +78,9 @@ class DataBundle:
         return DataLoader(ds, batch_size=batch_size or self.eval_batch_size, shuffle=False,
                           num_workers=self.num_workers)
 
-    def sample(self, n: int, seed: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` images, class-stratified and deterministic by seed (calibration, parity checks)."""
-        ds = self.val if split == "val" else (self.train_plain or self.train)
+    def sample_indices(self, n: int, seed: int, split: str = "val") -> list[int]:
+        """``n`` indices of ``split``, class-stratified (round-robin over classes) and fixed by seed."""
+        ds = self.val if split == "val" else self.train
         labels = np.array([_label(ds, i) for i in range(len(ds))])
         rng = np.random.default_rng(seed)
         per_class = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
@@ -88,8 +89,27 @@ class DataBundle:
             for idx in per_class:
                 if idx and len(order) < n:
                     order.append(idx.pop())
-        xs, ys = zip(*(ds[i] for i in order), strict=True)
+        return order
+
+    def sample(self, n: int, seed: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` images, class-stratified and deterministic by seed (calibration, parity checks),
+        prepared like validation images (no augmentation)."""
+        ds = self.val if split == "val" else (self.train_plain or self.train)
+        xs, ys = zip(*(ds[i] for i in self.sample_indices(n, seed, split)), strict=True)
         return torch.stack(xs), torch.tensor(ys)
+
+    def raw(self, split: str, i: int) -> tuple[str | np.ndarray, int]:
+        """Image ``i`` of ``split`` as its source has it: a file path, or a uint8 HWC array."""
+        return _raw(self.val if split == "val" else self.train, i)
+
+
+def _raw(ds: Dataset, i: int) -> tuple[str | np.ndarray, int]:
+    if isinstance(ds, Subset):
+        return _raw(ds.dataset, ds.indices[i])
+    if isinstance(ds, ArrayDataset):
+        return ds.images[i].permute(1, 2, 0).numpy(), int(ds.labels[i])
+    path, label = ds.samples[i]  # torchvision ImageFolder
+    return path, int(label)
 
 
 def _label(ds: Dataset, i: int) -> int:
@@ -216,4 +236,5 @@ def build_data(cfg: ImageFolderData | DigitsData | NpzData, spec: GraphSpec, see
     if len(train) == 0 or len(val) == 0:
         raise EdgeVitError("data: the training or validation set is empty")
     return DataBundle(train, val, len(names), names, cfg.batch_size, cfg.eval_batch_size, cfg.num_workers,
-                      train_plain=_with_transform(train, val_tf))
+                      train_plain=_with_transform(train, val_tf),
+                      prep={"img_size": tuple(spec.img_size), "mean": spec.mean, "std": spec.std})

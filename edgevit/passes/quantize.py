@@ -1,0 +1,135 @@
+"""quantize: post-training FP16 or INT8 (calibrated, QDQ) of the exported ONNX model.
+
+The target profile decides what is possible: INT8 asked for a device without INT8 kernels
+(the Jetson Nano) becomes FP16 with one warning, or an error under ``strict``. The
+quantized ONNX becomes the stage's ``onnx`` artifact, so ``benchmark`` measures it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from edgevit.context import RunContext
+from edgevit.errors import EdgeVitError
+from edgevit.graph import ModelGraph
+from edgevit.onnx_io import export_onnx, op_counts
+from edgevit.passes.base import Pass, PassConfig
+from edgevit.quantize.fp16 import KEEP_FP32, convert_fp16
+from edgevit.quantize.int8 import calibrate, preprocess, quantizable_nodes, quantize_int8, quantized_nodes
+from edgevit.quantize.sensitivity import keep_in_float, logits, node_sensitivity
+
+
+class QuantizeConfig(PassConfig):
+    precision: Literal["int8", "fp16"] = "int8"
+    strict: bool = Field(False, description="fail instead of falling back when the profile lacks the precision")
+    calibration: Literal["minmax", "percentile", "entropy"] = "percentile"
+    percentile: float = Field(99.999, gt=50, le=100, description="percentile calibration: the kept range")
+    layout: Literal["auto", "tensorrt", "ort_cpu"] = Field(
+        "auto", description="tensorrt: s8/s8 symmetric, zero point 0; ort_cpu: u8 activations, fastest on x86; "
+        "auto: tensorrt for a TensorRT profile, else ort_cpu")
+    op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Conv"],
+                                description="op types quantized (LayerNorm, Softmax, GELU, Add stay float)")
+    exclude_op_types: list[str] = Field(default_factory=list)
+    include_nodes: list[str] | None = Field(None, description="quantize only these node names")
+    exclude_nodes: list[str] = Field(default_factory=list, description="node names kept in float")
+    accuracy_budget: float | None = Field(
+        None, ge=0, description="INT8: keep the most sensitive layers in float until top-1 is within this many "
+        "points of the float model (on eval_samples validation images)")
+    eval_samples: int = Field(500, ge=10, description="validation images used to check the budget and parity")
+    keep_fp32: list[str] = Field(default_factory=lambda: list(KEEP_FP32), description="FP16: op types kept in FP32")
+    opset: int | None = Field(None, ge=11, le=21, description="export opset when no earlier stage exported "
+                              "(default: the profile's max_opset, else 17)")
+
+
+class QuantizePass(Pass):
+    name = "quantize"
+    Config = QuantizeConfig
+    summary = "post-training INT8 (QDQ, minmax/percentile/entropy calibration, accuracy budget) or FP16 ONNX"
+    modifies_weights = False
+
+    def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
+        cfg: QuantizeConfig = self.config  # type: ignore[assignment]
+        precision = self._precision(cfg, ctx)
+        src = graph.artifacts.get("onnx")
+        if src is not None and any(t == "QuantizeLinear" for t in op_counts(src)):
+            raise EdgeVitError("passes.quantize: the model is already quantized by an earlier stage")
+        if src is None:
+            profile_opset = ctx.profile.max_opset if ctx.profile is not None else None
+            src = ctx.stage_dir / "model.fp32.onnx"
+            export_onnx(graph, src, opset=cfg.opset or profile_opset or 17)
+        eval_x, eval_y = ctx.data.sample(cfg.eval_samples, ctx.seed + 1, "val")
+        eval_x, eval_y = eval_x.numpy(), eval_y.numpy()
+        ref = logits(src, eval_x)
+        self.metrics = {"precision": precision, "requested": cfg.precision}
+        if precision == "fp16":
+            out = ctx.stage_dir / "model.fp16.onnx"
+            convert_fp16(src, out, cfg.keep_fp32)
+            self.metrics["kept_fp32_ops"] = cfg.keep_fp32
+        else:
+            out = self._int8(cfg, graph, ctx, src, eval_x, eval_y)
+        q = logits(out, eval_x)
+        self.metrics.update({
+            "eval_samples": len(eval_y),
+            "float_top1": round(100.0 * float((ref.argmax(1) == eval_y).mean()), 2),
+            "quantized_top1": round(100.0 * float((q.argmax(1) == eval_y).mean()), 2),
+            "top1_agreement": round(float((ref.argmax(1) == q.argmax(1)).mean()), 4),
+            "max_abs_logit_diff": round(float(np.abs(ref - q).max()), 5),
+            "size_bytes": out.stat().st_size,
+            "float_size_bytes": src.stat().st_size,
+        })
+        ctx.console.print(f"  {precision}: top-1 {self.metrics['quantized_top1']}% vs float "
+                          f"{self.metrics['float_top1']}% on {len(eval_y)} validation images, "
+                          f"{out.stat().st_size / 1e6:.2f} MB (float {src.stat().st_size / 1e6:.2f} MB)")
+        graph.artifacts["onnx"] = out
+        return graph
+
+    def _precision(self, cfg: QuantizeConfig, ctx: RunContext) -> str:
+        p = ctx.profile
+        if p is None or p.supports(cfg.precision):
+            return cfg.precision
+        if cfg.precision == "int8" and p.supports("fp16") and not cfg.strict:
+            ctx.console.print(f"[yellow]warning:[/yellow] {p.name} has no INT8 support ({', '.join(p.precisions)}); "
+                              "quantizing to FP16 instead (set strict: true to fail)")
+            return "fp16"
+        raise EdgeVitError(f"passes.quantize.precision: {p.name} does not support {cfg.precision} "
+                           f"(it supports {', '.join(p.precisions)})")
+
+    def _int8(self, cfg: QuantizeConfig, graph: ModelGraph, ctx: RunContext, src, eval_x, eval_y):  # noqa: ANN001, ANN202
+        layout = cfg.layout
+        if layout == "auto":
+            layout = "tensorrt" if ctx.profile is not None and ctx.profile.runtime == "tensorrt" else "ort_cpu"
+        pre = ctx.stage_dir / "model.pre.onnx"
+        preprocess(src, pre)
+        op_types = [t for t in cfg.op_types if t not in cfg.exclude_op_types]
+        candidates = quantizable_nodes(pre, op_types)
+        nodes = cfg.include_nodes or candidates
+        unknown = [n for n in (cfg.include_nodes or []) + cfg.exclude_nodes if n not in candidates]
+        if unknown:
+            raise EdgeVitError(f"passes.quantize: no quantizable node named {unknown[0]!r}; names look like "
+                               f"{', '.join(candidates[:3])}")
+        calib = ctx.calibration()[0].numpy()
+        cache = calibrate(pre, calib, ctx.stage_dir / "calibration.ranges.json", cfg.calibration, cfg.percentile,
+                          layout, op_types)
+        qargs = dict(method=cfg.calibration, layout=layout, op_types=op_types, cache=cache)
+        out = ctx.stage_dir / "model.int8.onnx"
+        kept: list[str] = []
+        if cfg.accuracy_budget is not None:
+            with ctx.progress() as progress:
+                task = progress.add_task("sensitivity", total=len(nodes), info="")
+                sens = node_sensitivity(pre, ctx.stage_dir, nodes, calib, qargs, lambda: progress.advance(task))
+            ranked = sorted(sens, key=sens.__getitem__, reverse=True)
+            kept, _, _ = keep_in_float(pre, out, calib, eval_x, eval_y, ranked, cfg.accuracy_budget, qargs,
+                                       cfg.exclude_nodes)
+            self.metrics["sensitivity"] = {k: round(v, 6) for k, v in sorted(sens.items(), key=lambda kv: -kv[1])}
+            if kept:
+                ctx.console.print(f"  kept in float to stay within {cfg.accuracy_budget} points: {', '.join(kept)}")
+        else:
+            quantize_int8(pre, out, nodes_to_quantize=cfg.include_nodes, nodes_to_exclude=cfg.exclude_nodes,
+                          **qargs)
+        pre.unlink()
+        self.metrics.update({"layout": layout, "calibration": cfg.calibration, "calibration_images": len(calib),
+                             "quantized_nodes": len(quantized_nodes(out, op_types)),
+                             "kept_float": kept + cfg.exclude_nodes})
+        return out

@@ -1,0 +1,1 @@
+"""Post-training quantization of exported ONNX models: INT8 (QDQ, calibrated) and FP16."""

@@ -1,0 +1,165 @@
+"""Static INT8 post-training quantization with ONNX Runtime's tooling, QDQ format.
+
+Layouts: ``tensorrt`` = signed INT8 activations and weights, symmetric, zero point 0 (what
+TensorRT's explicit quantization accepts); ``ort_cpu`` = unsigned INT8 activations
+(asymmetric) with signed symmetric per-channel weights, which ONNX Runtime's x86 kernels
+(VNNI) run fastest. Both quantize weights per output channel."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from edgevit.errors import EdgeVitError
+from edgevit.fileio import atomic_path
+
+Method = Literal["minmax", "percentile", "entropy"]
+Layout = Literal["tensorrt", "ort_cpu"]
+
+
+class _Reader:
+    """Feeds calibration images to ONNX Runtime's calibrator, a batch at a time."""
+
+    def __init__(self, images: np.ndarray, input_name: str, batch: int) -> None:
+        self.batches: Iterator[np.ndarray] = iter([images[i:i + batch] for i in range(0, len(images), batch)])
+        self.name = input_name
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        b = next(self.batches, None)
+        return None if b is None else {self.name: b}
+
+    def rewind(self) -> None:  # pragma: no cover - part of the reader protocol
+        pass
+
+
+def preprocess(src: Path, dst: Path) -> None:
+    """Shape inference + graph optimisation, as ONNX Runtime recommends before quantizing."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+
+
+def quantizable_nodes(path: Path, op_types: list[str]) -> list[str]:
+    model = onnx.load(str(path))
+    return [n.name for n in model.graph.node if n.op_type in op_types]
+
+
+def calibrate(src: Path, images: np.ndarray, cache: Path, method: Method = "percentile", percentile: float = 99.999,
+              layout: Layout = "tensorrt", op_types: list[str] | None = None, batch: int = 32) -> Path:
+    """Activation ranges of ``src`` on ``images``, written to ``cache`` (ORT's tensor-range
+    JSON): computed once, reused by every quantization of the same model and method."""
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator, save_tensors_data
+
+    calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+             "entropy": CalibrationMethod.Entropy}[method]
+    options: dict[str, Any] = {"symmetric": layout == "tensorrt", "moving_average": False, "percentile": percentile}
+    if method == "entropy":
+        # ORT's entropy default is 128 histogram bins for 128 quantized bins, which leaves one
+        # candidate threshold, the full range (= min/max); TensorRT's calibrator uses 2048 bins.
+        options.update(num_bins=2048, num_quantized_bins=128)
+    input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+    with tempfile.TemporaryDirectory(prefix="edgevit-calib-") as tmp:
+        calibrator = create_calibrator(Path(src), op_types or ["MatMul", "Gemm", "Conv"],
+                                       augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=calib, providers=["CPUExecutionProvider"],
+                                       extra_options=options)
+        calibrator.collect_data(_Reader(images.astype(np.float32), input_name, batch))
+        ranges = calibrator.compute_data()
+        del calibrator
+    with atomic_path(Path(cache)) as tmp_cache:
+        save_tensors_data(ranges, str(tmp_cache))
+    return Path(cache)
+
+
+def quantize_int8(
+    src: Path,
+    dst: Path,
+    images: np.ndarray | None = None,
+    method: Method = "percentile",
+    percentile: float = 99.999,
+    layout: Layout = "tensorrt",
+    op_types: list[str] | None = None,
+    nodes_to_quantize: list[str] | None = None,
+    nodes_to_exclude: list[str] | None = None,
+    batch: int = 32,
+    cache: Path | None = None,
+) -> None:
+    """Quantize the (pre-processed) float model ``src`` into ``dst`` (written atomically),
+    calibrating on ``images`` unless a ``cache`` from :func:`calibrate` is given."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+             "entropy": CalibrationMethod.Entropy}[method]
+    trt = layout == "tensorrt"
+    op_types = op_types or ["MatMul", "Gemm", "Conv"]
+    extra: dict[str, Any] = {
+        "ActivationSymmetric": trt,
+        "WeightSymmetric": True,
+        # TensorRT keeps biases in float: an int32 bias DequantizeLinear is not something it fuses
+        "QuantizeBias": not trt,
+    }
+    with atomic_path(Path(dst)) as tmp:
+        own_cache = cache is None
+        if cache is None:
+            if images is None:
+                raise ValueError("give calibration images or a calibration cache")
+            cache = calibrate(src, images, Path(str(tmp) + ".ranges.json"), method, percentile, layout, op_types,
+                              batch)
+        try:
+            quantize_static(
+                str(src), str(tmp), None,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=op_types,
+                nodes_to_quantize=nodes_to_quantize or None,
+                nodes_to_exclude=nodes_to_exclude or [],
+                per_channel=True,
+                activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=calib,
+                calibration_cache_path=str(cache),
+                extra_options=extra,
+                use_external_data_format=False,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise EdgeVitError(f"quantize: ONNX Runtime could not quantize {src.name}: {str(e).splitlines()[0]}") from e
+        finally:
+            if own_cache:
+                Path(cache).unlink(missing_ok=True)
+
+
+def quantized_nodes(path: Path, op_types: list[str] | None = None) -> list[str]:
+    """Names of the compute nodes (of ``op_types``) whose two main inputs both come through
+    DequantizeLinear: in QDQ form those are the ones a back end runs in INT8."""
+    model = onnx.load(str(path))
+    dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    types = set(op_types or ["MatMul", "Gemm", "Conv"])
+    return [n.name for n in model.graph.node
+            if n.op_type in types and len(n.input) >= 2 and all(i in dq_out for i in n.input[:2])]
+
+
+def activation_scales(path: Path) -> dict[str, float]:
+    """Scale of every QuantizeLinear whose input is an activation (not an initializer)."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[1] in inits:
+            out[n.input[0]] = float(np.asarray(inits[n.input[1]]).reshape(-1)[0])
+    return out
+
+
+def zero_points(path: Path) -> list[np.ndarray]:
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return [inits[n.input[2]] for n in model.graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits]
