@@ -136,11 +136,12 @@ def test_int8_pass_feeds_the_benchmark(tmp_path: Path) -> None:
     assert q["artifact"].endswith("model.int8.onnx") and q["size_bytes"] < rows["02-export"]["size_bytes"]
     assert abs(q["top1"] - rows["02-export"]["top1"]) <= 5.0
     m = q["metrics"]
-    assert m["precision"] == "int8" and m["layout"] == "ort_cpu" and m["quantized_nodes"] == 18
+    assert m["precision"] == "int8" and m["layout"] == "ort_cpu" and m["quantized_nodes"] == 14  # attention float
+    assert len(m["kept_float"]) == 4
 
 
 def test_accuracy_budget_ranks_every_layer_and_meets_the_budget(tmp_path: Path) -> None:
-    _run(_quant_recipe(accuracy_budget=0.0, calibration="minmax"), tmp_path / "run")
+    _run(_quant_recipe(accuracy_budget=0.0, calibration="minmax", quantize_attention=True), tmp_path / "run")
     m = json.loads((tmp_path / "run" / "03-quantize" / "metrics.json").read_text())["metrics"]
     assert len(m["sensitivity"]) == 18 and all(v >= 0 for v in m["sensitivity"].values())
     ranked = list(m["sensitivity"])
@@ -221,3 +222,49 @@ def test_unknown_profile_is_a_one_line_error(tmp_path: Path, write_recipe) -> No
     res = run_cli("compress", str(write_recipe(data)), "--out", str(tmp_path / "run"))
     assert res.returncode == 2 and "unknown device profile 'jetson-nanoo'" in res.stderr
     assert "did you mean 'jetson-nano'" in res.stderr and not (tmp_path / "run").exists()
+
+
+def test_tensorrt_calibration_without_tensorrt_is_one_clear_error(tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here: the gpu-marked test covers it")
+    from edgevit.deploy.tensorrt_calib import write_calibration_cache
+
+    with pytest.raises(EdgeVitError, match="tensorrt is not installed"):
+        write_calibration_cache(tmp_path / "m.onnx", _images(8), tmp_path / "cache")
+
+
+@pytest.mark.gpu
+def test_tensorrt_entropy_calibrator_writes_a_cache(onnx_model: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorrt", reason="needs NVIDIA TensorRT")
+    pytest.importorskip("pycuda", reason="needs pycuda")
+    from edgevit.deploy.tensorrt_calib import write_calibration_cache
+
+    cache = write_calibration_cache(onnx_model, _images(32), tmp_path / "calib.cache", batch_size=8)
+    assert cache.stat().st_size > 0 and b"TRT" in cache.read_bytes()[:64]
+
+
+def test_attention_matmuls_can_stay_float_and_dynamic_layout(onnx_model: Path, tmp_path: Path) -> None:
+    from edgevit.quantize.int8 import activation_matmuls, quantize_dynamic_int8
+
+    attn = activation_matmuls(onnx_model)
+    assert len(attn) == 4  # q·kᵀ and attn·v in each of the 2 blocks
+    out = tmp_path / "lin.onnx"
+    quantize_int8(onnx_model, out, _images(), nodes_to_exclude=attn)
+    assert set(quantized_nodes(out, ALL)) == set(quantizable_nodes(onnx_model, ALL)) - set(attn)
+    dyn = tmp_path / "dyn.onnx"
+    quantize_dynamic_int8(onnx_model, dyn)
+    kinds = {n.op_type for n in onnx.load(str(dyn)).graph.node}
+    assert "DynamicQuantizeLinear" in kinds or "MatMulInteger" in kinds
+    ref = logits(onnx_model, _images(16, 1))
+    assert (logits(dyn, _images(16, 1)).argmax(1) == ref.argmax(1)).mean() >= 0.75
+
+
+def test_dynamic_layout_through_the_pass(tmp_path: Path) -> None:
+    data = _quant_recipe(layout="ort_cpu_dynamic", quantize_attention=False)
+    data["passes"] = data["passes"][:3]
+    _run(data, tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "03-quantize" / "metrics.json").read_text())["metrics"]
+    assert m["layout"] == "ort_cpu_dynamic" and m["calibration"] is None and len(m["kept_float"]) == 4
+    assert m["top1_agreement"] >= 0.9

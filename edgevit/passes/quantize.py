@@ -17,7 +17,15 @@ from edgevit.graph import ModelGraph
 from edgevit.onnx_io import export_onnx, op_counts
 from edgevit.passes.base import Pass, PassConfig
 from edgevit.quantize.fp16 import KEEP_FP32, convert_fp16
-from edgevit.quantize.int8 import calibrate, preprocess, quantizable_nodes, quantize_int8, quantized_nodes
+from edgevit.quantize.int8 import (
+    activation_matmuls,
+    calibrate,
+    preprocess,
+    quantizable_nodes,
+    quantize_dynamic_int8,
+    quantize_int8,
+    quantized_nodes,
+)
 from edgevit.quantize.sensitivity import keep_in_float, logits, node_sensitivity
 
 
@@ -26,9 +34,13 @@ class QuantizeConfig(PassConfig):
     strict: bool = Field(False, description="fail instead of falling back when the profile lacks the precision")
     calibration: Literal["minmax", "percentile", "entropy"] = "percentile"
     percentile: float = Field(99.999, gt=50, le=100, description="percentile calibration: the kept range")
-    layout: Literal["auto", "tensorrt", "ort_cpu"] = Field(
-        "auto", description="tensorrt: s8/s8 symmetric, zero point 0; ort_cpu: u8 activations, fastest on x86; "
-        "auto: tensorrt for a TensorRT profile, else ort_cpu")
+    layout: Literal["auto", "tensorrt", "ort_cpu", "ort_cpu_dynamic"] = Field(
+        "auto", description="tensorrt: static QDQ, s8/s8 symmetric, zero point 0, float bias; ort_cpu: static QDQ "
+        "with u8 activations; ort_cpu_dynamic: int8 weights, activations quantized at run time (no calibration; "
+        "the fastest on x86 CPUs measured here); auto: tensorrt for a TensorRT profile, else ort_cpu")
+    quantize_attention: bool | None = Field(
+        None, description="also quantize attention's activation×activation MatMuls (q·kᵀ, attn·v); default: "
+        "not for ort_cpu layouts (ONNX Runtime then wraps Softmax in QLinearSoftmax and gets slower), yes otherwise")
     op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Conv"],
                                 description="op types quantized (LayerNorm, Softmax, GELU, Add stay float)")
     exclude_op_types: list[str] = Field(default_factory=list)
@@ -103,12 +115,22 @@ class QuantizePass(Pass):
         pre = ctx.stage_dir / "model.pre.onnx"
         preprocess(src, pre)
         op_types = [t for t in cfg.op_types if t not in cfg.exclude_op_types]
-        candidates = quantizable_nodes(pre, op_types)
+        attention = cfg.quantize_attention if cfg.quantize_attention is not None else layout == "tensorrt"
+        skip = [] if attention else activation_matmuls(pre)
+        candidates = [n for n in quantizable_nodes(pre, op_types) if n not in skip]
         nodes = cfg.include_nodes or candidates
         unknown = [n for n in (cfg.include_nodes or []) + cfg.exclude_nodes if n not in candidates]
         if unknown:
             raise EdgeVitError(f"passes.quantize: no quantizable node named {unknown[0]!r}; names look like "
                                f"{', '.join(candidates[:3])}")
+        if layout == "ort_cpu_dynamic":
+            if cfg.accuracy_budget is not None:
+                raise EdgeVitError("passes.quantize.accuracy_budget: works with static layouts (tensorrt, ort_cpu)")
+            out = ctx.stage_dir / "model.int8.onnx"
+            quantize_dynamic_int8(pre, out, op_types, cfg.exclude_nodes + skip)
+            pre.unlink()
+            self.metrics.update({"layout": layout, "calibration": None, "kept_float": cfg.exclude_nodes + skip})
+            return out
         calib = ctx.calibration()[0].numpy()
         cache = calibrate(pre, calib, ctx.stage_dir / "calibration.ranges.json", cfg.calibration, cfg.percentile,
                           layout, op_types)
@@ -121,15 +143,15 @@ class QuantizePass(Pass):
                 sens = node_sensitivity(pre, ctx.stage_dir, nodes, calib, qargs, lambda: progress.advance(task))
             ranked = sorted(sens, key=sens.__getitem__, reverse=True)
             kept, _, _ = keep_in_float(pre, out, calib, eval_x, eval_y, ranked, cfg.accuracy_budget, qargs,
-                                       cfg.exclude_nodes)
+                                       cfg.exclude_nodes + skip)
             self.metrics["sensitivity"] = {k: round(v, 6) for k, v in sorted(sens.items(), key=lambda kv: -kv[1])}
             if kept:
                 ctx.console.print(f"  kept in float to stay within {cfg.accuracy_budget} points: {', '.join(kept)}")
         else:
-            quantize_int8(pre, out, nodes_to_quantize=cfg.include_nodes, nodes_to_exclude=cfg.exclude_nodes,
+            quantize_int8(pre, out, nodes_to_quantize=cfg.include_nodes, nodes_to_exclude=cfg.exclude_nodes + skip,
                           **qargs)
         pre.unlink()
         self.metrics.update({"layout": layout, "calibration": cfg.calibration, "calibration_images": len(calib),
                              "quantized_nodes": len(quantized_nodes(out, op_types)),
-                             "kept_float": kept + cfg.exclude_nodes})
+                             "kept_float": kept + cfg.exclude_nodes + skip})
         return out

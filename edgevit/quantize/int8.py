@@ -18,7 +18,7 @@ from edgevit.errors import EdgeVitError
 from edgevit.fileio import atomic_path
 
 Method = Literal["minmax", "percentile", "entropy"]
-Layout = Literal["tensorrt", "ort_cpu"]
+Layout = Literal["tensorrt", "ort_cpu", "ort_cpu_dynamic"]
 
 
 class _Reader:
@@ -41,6 +41,25 @@ def preprocess(src: Path, dst: Path) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+
+
+def activation_matmuls(path: Path) -> list[str]:
+    """MatMuls of two activations (attention's q·kᵀ and attn·v): no weight on either side."""
+    model = onnx.load(str(path))
+    inits = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in inits for i in n.input)]
+
+
+def quantize_dynamic_int8(src: Path, dst: Path, op_types: list[str] | None = None,
+                          nodes_to_exclude: list[str] | None = None) -> None:
+    """INT8 weights, activations quantized on the fly per batch (ONNX Runtime's
+    DynamicQuantizeMatMul): no calibration, and on x86 CPUs often the fastest INT8 form."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with atomic_path(Path(dst)) as tmp:
+        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=[t for t in (op_types or ["MatMul", "Gemm"]) if t != "Conv"],
+                         nodes_to_exclude=nodes_to_exclude or [], per_channel=False)
 
 
 def quantizable_nodes(path: Path, op_types: list[str]) -> list[str]:

@@ -1,0 +1,99 @@
+"""TensorRT implicit-INT8 calibration: an ``IInt8EntropyCalibrator2`` fed from a calibration
+manifest's images, writing TensorRT's calibration cache.
+
+Written against the TensorRT Python API of 8.2 (JetPack 4.6) and 10.x; ``tensorrt`` and
+``pycuda`` are imported inside the functions, so this module imports on any machine. Only a
+machine with an NVIDIA GPU and TensorRT can run it (the ``gpu``-marked test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgevit.errors import EdgeVitError
+from edgevit.fileio import atomic_path
+
+
+def require_tensorrt() -> tuple[Any, Any]:
+    """(tensorrt, pycuda.driver) with a CUDA context, or one clear error."""
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise EdgeVitError(
+            "tensorrt is not installed: INT8 calibration caches and engines need NVIDIA TensorRT "
+            "(JetPack on a Jetson; `pip install 'edgevit[tensorrt]'` with NVIDIA's index elsewhere)"
+        ) from e
+    try:
+        import pycuda.autoinit  # noqa: F401  (creates the CUDA context)
+        import pycuda.driver as cuda
+    except ImportError as e:
+        raise EdgeVitError("pycuda is not installed: TensorRT calibration needs it to copy batches to the GPU") from e
+    return trt, cuda
+
+
+def entropy_calibrator(images: np.ndarray, cache: Path, batch_size: int = 8) -> Any:
+    """A TensorRT IInt8EntropyCalibrator2 over ``images`` (N, C, H, W float32, already
+    normalised like the model's input) that reads/writes ``cache``."""
+    trt, cuda = require_tensorrt()
+    data = np.ascontiguousarray(images, dtype=np.float32)
+    if len(data) < batch_size:
+        raise EdgeVitError(f"calibration: {len(data)} images are fewer than one batch of {batch_size}")
+
+    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self.index = 0
+            self.device = cuda.mem_alloc(data[:batch_size].nbytes)
+
+        def get_batch_size(self) -> int:
+            return batch_size
+
+        def get_batch(self, names: list[str]) -> list[int] | None:  # noqa: ARG002 - TensorRT's signature
+            if self.index + batch_size > len(data):
+                return None
+            cuda.memcpy_htod(self.device, np.ascontiguousarray(data[self.index:self.index + batch_size]))
+            self.index += batch_size
+            return [int(self.device)]
+
+        def read_calibration_cache(self) -> bytes | None:
+            return Path(cache).read_bytes() if Path(cache).is_file() else None
+
+        def write_calibration_cache(self, blob: Any) -> None:
+            with atomic_path(Path(cache)) as tmp:
+                Path(tmp).write_bytes(bytes(blob))
+
+    return EntropyCalibrator()
+
+
+def write_calibration_cache(onnx_path: Path, images: np.ndarray, cache: Path, batch_size: int = 8,
+                            workspace_mb: int = 512) -> Path:
+    """Build an INT8 engine once with the entropy calibrator so TensorRT writes ``cache``
+    (reused by later builds, on the host or the Jetson, for the same network)."""
+    trt, _ = require_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(onnx_path).read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EdgeVitError(f"tensorrt: cannot parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    if hasattr(config, "set_memory_pool_limit"):  # TensorRT >= 8.4
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    else:  # TensorRT 8.2
+        config.max_workspace_size = workspace_mb << 20
+    config.set_flag(trt.BuilderFlag.INT8)
+    inp = network.get_input(0)
+    shape = tuple(images.shape[1:])
+    profile = builder.create_optimization_profile()
+    profile.set_shape(inp.name, (1, *shape), (batch_size, *shape), (batch_size, *shape))
+    config.add_optimization_profile(profile)
+    config.set_calibration_profile(profile)
+    config.int8_calibrator = entropy_calibrator(images, cache, batch_size)
+    if builder.build_serialized_network(network, config) is None:
+        raise EdgeVitError(f"tensorrt: building the INT8 engine for {onnx_path} failed (see TensorRT's log)")
+    if not Path(cache).is_file():
+        raise EdgeVitError("tensorrt: the build finished but wrote no calibration cache")
+    return Path(cache)
