@@ -18,6 +18,8 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path: Path) -> None:
         {"adapt": {"epochs": 2, "lr": 0.003, "warmup_epochs": 0}},
         {"distill": {"epochs": 2, "lr": 0.003, "warmup_epochs": 0, "mgd": 1e-3,
                      "student": {"shrink": {"depth": 1, "num_heads": 1}}}},
+        {"prune": {"method": "osscar", "mlp": 0.5, "recover": {"epochs": 1, "lr": 0.001, "warmup_epochs": 0}}},
+        {"export": {"opset": 13, "parity_samples": 16}},
     ])
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))
@@ -35,5 +37,8 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path: Path) -> None:
         m = json.loads((out / stage / "metrics.json").read_text())["metrics"]
         assert m["world_size"] == 2 and m["ranks_in_sync"] is True, stage
         assert len(m["log"]) == 2
-    assert json.loads((out / "report.json").read_text())["stages"][-1]["stage"] == "02-distill"
+    recover = json.loads((out / "03-prune" / "metrics.json").read_text())["metrics"]["recover"]
+    assert recover["world_size"] == 2 and recover["ranks_in_sync"] is True  # one-shot prune agreed on every rank
+    assert json.loads((out / "report.json").read_text())["stages"][-1]["stage"] == "04-export"
+    assert (out / "04-export" / "model.onnx").is_file()  # rank 0 alone ran the export
     assert not list(out.glob(".*partial"))
