@@ -86,12 +86,41 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+def plot(results: dict, teacher: float, out: Path) -> Path | None:
+    """Top-1 against the pruned fraction, one panel for MLP units and one for heads."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no plot: matplotlib is not installed; pip install 'edgevit[bench]')", file=sys.stderr)
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, what in zip(axes, ("mlp", "heads"), strict=True):
+        for method in METHODS:
+            ax.plot([int(r * 100) for r in RATIOS], [results[(what, method, r)][0] for r in RATIOS], marker="o",
+                    label=method)
+        ax.axhline(teacher, color="grey", linestyle="--", label="unpruned")
+        ax.set_title(f"{'MLP units' if what == 'mlp' else 'attention heads'} removed, one-shot")
+        ax.set_xlabel("% removed in every block")
+        ax.set_xticks([int(r * 100) for r in RATIOS])
+    axes[0].set_ylabel("CIFAR-10 test top-1 %")
+    axes[0].legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--calibration", type=int, default=512, help="calibration images (train split, class-stratified)")
     ap.add_argument("--runs", type=int, default=200, help="latency runs per model")
     ap.add_argument("--skip-vit-small", action="store_true")
+    ap.add_argument("--plot", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "bench-prune"
+                    / "prune_top1.png", help="where to save the top-1 vs ratio plot")
     ap.add_argument("--vit-small-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -144,6 +173,9 @@ def main() -> None:
             print(f"{what + ' ' + str(int(ratio * 100)) + '%':<12}" + "".join(f"{t:>12.2f}" for t, _ in row)
                   + "".join(f"{s:>10.2f}" for _, s in row))
     print(f"heads+mlp 50% osscar: top-1 {both_top1:.2f}%, flops kept {both_m['flops_kept']:.3f}, {both_s:.2f} s")
+    saved = plot(results, t_top1, args.plot)
+    if saved:
+        print(f"plot: {saved}")
 
     lat = {"unpruned": latency(teacher, tmp, "unpruned", args.runs)}
     lat["mlp50"] = latency(pruned50["mlp"], tmp, "mlp50", args.runs)
