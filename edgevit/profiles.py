@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgevit.errors import EdgeVitError, did_you_mean
 
@@ -17,19 +17,47 @@ Precision = Literal["fp32", "fp16", "int8"]
 
 
 class DeviceProfile(BaseModel):
+    """Facts about a target; ``sources`` says where each fact comes from."""
+
     model_config = ConfigDict(extra="forbid")
     name: str
     description: str = ""
     runtime: Literal["tensorrt", "onnxruntime"] = "onnxruntime"
-    tensorrt: str | None = Field(None, description="TensorRT version on the device, e.g. '8.2'")
+    gpu: str | None = None
     compute_capability: str | None = None
-    max_opset: int = Field(17, ge=11)
-    precisions: list[Precision] = Field(default_factory=lambda: ["fp32"])
+    gpu_clock_mhz: dict[str, float] = Field(default_factory=dict, description="per power mode")
+    peak_gflops: dict[Precision, float] = Field(default_factory=dict)
     memory_mb: int | None = Field(None, ge=1)
+    memory_bandwidth_gbps: float | None = Field(None, gt=0)
+    precisions: list[Precision] = Field(default_factory=lambda: ["fp32"])
+    dla: bool | None = None
+    jetpack: str | None = None
+    l4t: str | None = None
+    cuda: str | None = None
+    cudnn: str | None = None
+    tensorrt: str | None = Field(None, description="TensorRT version on the device, e.g. '8.2'")
     python: str | None = None
+    max_opset: int = Field(17, ge=11)
+    layernorm_op: bool = Field(True, description="the runtime has a LayerNormalization op (TensorRT >= 8.6)")
+    caveats: list[str] = Field(default_factory=list)
+    sources: dict[str, str] = Field(default_factory=dict, description="fact name → where it comes from")
+
+    @model_validator(mode="after")
+    def _sources_name_facts(self) -> DeviceProfile:
+        unknown = [k for k in self.sources if k not in type(self).model_fields]
+        if unknown:
+            raise ValueError(f"sources names {unknown[0]!r}, which is not a profile fact")
+        return self
 
     def supports(self, precision: str) -> bool:
         return precision in self.precisions
+
+    def export_opset(self, wanted: int | None = None) -> int:
+        """The opset to export at: what the runtime parses, never above ``wanted``."""
+        opset = min(self.max_opset, wanted or self.max_opset)
+        if not self.layernorm_op:
+            opset = min(opset, 16)  # below 17 the exporter writes LayerNorm as primitive ops
+        return opset
 
 
 def available() -> list[str]:
@@ -47,5 +75,10 @@ def load_profile(name_or_path: str, where: str = "profile") -> DeviceProfile:
                                f"available: {', '.join(names) or 'none'}")
     try:
         return DeviceProfile.model_validate(yaml.safe_load(path.read_text()))
-    except (ValidationError, yaml.YAMLError) as e:
-        raise EdgeVitError(f"{where}: {path} is not a valid device profile: {str(e).splitlines()[0]}") from e
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "profile"
+        raise EdgeVitError(f"{where}: {path} is not a valid device profile: {loc}: "
+                           f"{err['msg'].removeprefix('Value error, ')}") from e
+    except yaml.YAMLError as e:
+        raise EdgeVitError(f"{where}: {path} is not valid YAML: {str(e).splitlines()[0]}") from e

@@ -21,7 +21,7 @@ app = typer.Typer(
 app.command("compress")(compress.compress)
 app.command("inspect")(inspect.inspect)
 app.command("passes")(passes.passes)
-app.command("profiles")(profiles.profiles)
+app.add_typer(profiles.app, name="profiles")
 app.add_typer(calib.app, name="calib")
 
 

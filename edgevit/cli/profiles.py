@@ -2,8 +2,39 @@
 
 from __future__ import annotations
 
+import typer
 from rich.console import Console
 from rich.table import Table
+
+app = typer.Typer(help="Device profiles: list them, or show one with the source of every fact.",
+                  invoke_without_command=True)
+
+
+@app.callback()
+def _default(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:
+        profiles()
+
+
+@app.command("show")
+def show(name: str = typer.Argument(..., help="a profile name (edgevit profiles) or a YAML path")) -> None:
+    """Every fact of one profile with its source."""
+    from edgevit.profiles import load_profile
+
+    p = load_profile(name)
+    table = Table(title=f"{p.name}: {p.description}", title_justify="left")
+    for col in ("fact", "value", "source"):
+        table.add_column(col)
+    for key, value in p.model_dump().items():
+        if key in ("name", "description", "sources", "caveats") or value in (None, {}, []):
+            continue
+        shown = ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else (
+            ", ".join(map(str, value)) if isinstance(value, list) else str(value))
+        table.add_row(key, shown, p.sources.get(key, "—"))
+    console = Console()
+    console.print(table)
+    for c in p.caveats:
+        console.print(f"- {c}")
 
 
 def profiles() -> None:

@@ -14,7 +14,8 @@ from edgevit.passes.base import Pass, PassConfig
 
 
 class ExportConfig(PassConfig):
-    opset: int = Field(17, ge=11, le=21, description="ONNX opset (TensorRT 8.2 on Jetson Nano reads <= 13)")
+    opset: int | None = Field(None, ge=11, le=21, description="ONNX opset; default: what the recipe's profile "
+                              "parses (Jetson Nano: 13, LayerNorm decomposed), else 17")
     dynamic_batch: bool = Field(True, description="batch axis left symbolic; false fixes it to 1")
     parity_samples: int = Field(64, ge=1, description="validation images compared torch vs ONNX Runtime")
     atol: float = Field(1e-3, gt=0, description="largest allowed |logit difference|")
@@ -30,7 +31,14 @@ class ExportPass(Pass):
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
         cfg: ExportConfig = self.config  # type: ignore[assignment]
         path = ctx.stage_dir / "model.onnx"
-        export_onnx(graph, path, opset=cfg.opset, dynamic_batch=cfg.dynamic_batch)
+        opset = cfg.opset or 17
+        if ctx.profile is not None:
+            opset = ctx.profile.export_opset(cfg.opset)
+            if cfg.opset is not None and opset != cfg.opset:
+                ctx.console.print(f"[yellow]warning:[/yellow] {ctx.profile.name} parses ONNX up to opset {opset}"
+                                  f"{'' if ctx.profile.layernorm_op else ' without LayerNormalization'}; "
+                                  f"exporting at {opset} instead of {cfg.opset}")
+        export_onnx(graph, path, opset=opset, dynamic_batch=cfg.dynamic_batch)
         images, _ = ctx.data.sample(cfg.parity_samples, ctx.seed, "val")
         with torch.no_grad():
             ref = graph.module.cpu().eval()(images).numpy()
@@ -38,7 +46,7 @@ class ExportPass(Pass):
         diff = float(np.abs(ref - got).max())
         agree = float((ref.argmax(-1) == got.argmax(-1)).mean())
         self.metrics = {
-            "opset": cfg.opset,
+            "opset": opset,
             "onnx_bytes": path.stat().st_size,
             "parity_max_abs_diff": diff,
             "parity_top1_agreement": agree,

@@ -68,9 +68,9 @@ class QuantizePass(Pass):
         if src is not None and any(t == "QuantizeLinear" for t in op_counts(src)):
             raise EdgeVitError("passes.quantize: the model is already quantized by an earlier stage")
         if src is None:
-            profile_opset = ctx.profile.max_opset if ctx.profile is not None else None
+            opset = ctx.profile.export_opset(cfg.opset) if ctx.profile is not None else (cfg.opset or 17)
             src = ctx.stage_dir / "model.fp32.onnx"
-            export_onnx(graph, src, opset=cfg.opset or profile_opset or 17)
+            export_onnx(graph, src, opset=opset)
         eval_x, eval_y = ctx.data.sample(cfg.eval_samples, ctx.seed + 1, "val")
         eval_x, eval_y = eval_x.numpy(), eval_y.numpy()
         ref = logits(src, eval_x)
