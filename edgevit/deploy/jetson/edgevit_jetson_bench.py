@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""edgevit's Jetson-side benchmark: measure a deploy bundle on the board itself.
+
+Runs on the board's own Python (JetPack 4.6: Python 3.6, TensorRT 8.2, pycuda) with only
+the standard library, numpy, tensorrt and pycuda. It never imports edgevit.
+
+    python3 edgevit_jetson_bench.py BUNDLE_DIR [--out measured.json] [--runs 200] [--warmup 50]
+
+A bundle directory holds ``bundle.json``::
+
+    {"format": "edgevit.bundle/1", "stage": "04-export", "model": "model.onnx",
+     "precision": "fp16", "workspace_mb": 512,
+     "input": {"name": "input", "shape": [1, 3, 32, 32]},
+     "validation": "val.npz"}          # x: float32 N,C,H,W already normalised; y: int labels
+
+It builds a TensorRT engine from the ONNX on the device (engines are not portable), caches
+it next to the bundle, warms up, times batch-1 inference with CUDA events, measures
+throughput and top-1 on the bundled validation images, samples power and RAM from
+``tegrastats`` when present, and writes JSON in the shape of edgevit's report.json
+(``stages: [{stage, top1, latency_ms: {median, p90, p99}, throughput_ips, peak_mem_mb,
+power_mw}]`` plus ``device``) so ``edgevit report`` can set it beside the prediction.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+FORMAT_IN = "edgevit.bundle/1"
+FORMAT_OUT = "edgevit.measured/1"
+
+
+def percentiles(times_ms):
+    """median, p90, p99 of a list of milliseconds."""
+    t = np.asarray(times_ms, dtype=np.float64)
+    return {"median": float(np.median(t)), "p90": float(np.percentile(t, 90)), "p99": float(np.percentile(t, 99))}
+
+
+_RAM = re.compile(r"RAM (\d+)/(\d+)MB")
+_POWER = re.compile(r"(POM_5V_IN|VDD_IN) (\d+)/(\d+)")
+
+
+def parse_tegrastats(line):
+    """(ram_used_mb, power_mw) from one tegrastats line; None where absent."""
+    ram = _RAM.search(line)
+    power = _POWER.search(line)
+    return (int(ram.group(1)) if ram else None, int(power.group(2)) if power else None)
+
+
+class Tegrastats:
+    """Samples tegrastats in the background while the benchmark runs (if it exists)."""
+
+    def __init__(self, interval_ms=100):
+        self.ram, self.power = [], []
+        self.proc = None
+        try:
+            self.proc = subprocess.Popen(["tegrastats", "--interval", str(interval_ms)],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         universal_newlines=True)
+        except OSError:
+            return
+        self.thread = threading.Thread(target=self._read)
+        self.thread.daemon = True
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            ram, power = parse_tegrastats(line)
+            if ram is not None:
+                self.ram.append(ram)
+            if power is not None:
+                self.power.append(power)
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+        out = {}
+        if self.power:
+            out["power_mw"] = {"mean": float(np.mean(self.power)), "max": float(max(self.power))}
+        if self.ram:
+            out["peak_mem_mb"] = float(max(self.ram))
+        return out
+
+
+def _read_text(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def device_info(trt_version):
+    release = _read_text("/etc/nv_tegra_release")
+    l4t = None
+    if release:
+        m = re.search(r"R(\d+) \(release\), REVISION: ([\d.]+)", release)
+        l4t = f"R{m.group(1)}.{m.group(2)}" if m else release.splitlines()[0]
+    mode = None
+    try:
+        out = subprocess.check_output(["nvpmodel", "-q"], stderr=subprocess.DEVNULL, universal_newlines=True)
+        m = re.search(r"NV Power Mode: (\S+)", out)
+        mode = m.group(1) if m else out.strip().splitlines()[0]
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    model = _read_text("/proc/device-tree/model")
+    return {"model": model.rstrip("\x00") if model else None, "l4t": l4t, "tensorrt": trt_version,
+            "power_mode": mode, "python": sys.version.split()[0]}
+
+
+def load_bundle(directory):
+    with open(os.path.join(directory, "bundle.json")) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT_IN:
+        raise SystemExit("error: {} is not an edgevit bundle (format {!r})".format(directory, meta.get("format")))
+    return meta
+
+
+def build_engine(trt, onnx_path, precision, shape, workspace_mb):
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
+    parser = trt.OnnxParser(network, logger)
+    with open(onnx_path, "rb") as f:
+        if not parser.parse(f.read()):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise SystemExit(f"error: TensorRT cannot parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    if hasattr(config, "set_memory_pool_limit"):  # TensorRT >= 8.4
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    else:  # TensorRT 8.2 (JetPack 4.6)
+        config.max_workspace_size = workspace_mb << 20
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    inp = network.get_input(0)
+    if any(d < 0 for d in inp.shape):  # dynamic batch: optimise for the shapes we run
+        profile = builder.create_optimization_profile()
+        profile.set_shape(inp.name, tuple(shape), tuple(shape), (max(32, shape[0]),) + tuple(shape[1:]))
+        config.add_optimization_profile(profile)
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise SystemExit("error: the engine build failed (often: out of memory on a 4 GB board)")
+    return bytes(blob)
+
+
+class Runner:
+    """One execution context with pinned host buffers and device buffers for a batch size."""
+
+    def __init__(self, trt, cuda, engine, shape):
+        self.cuda = cuda
+        self.context = engine.create_execution_context()
+        self.context.set_binding_shape(0, tuple(shape))
+        out_shape = tuple(self.context.get_binding_shape(1))
+        self.h_in = cuda.pagelocked_empty(tuple(shape), dtype=np.float32)
+        self.h_out = cuda.pagelocked_empty(out_shape, dtype=np.float32)
+        self.d_in = cuda.mem_alloc(self.h_in.nbytes)
+        self.d_out = cuda.mem_alloc(self.h_out.nbytes)
+        self.stream = cuda.Stream()
+
+    def __call__(self, x):
+        np.copyto(self.h_in, x)
+        self.cuda.memcpy_htod_async(self.d_in, self.h_in, self.stream)
+        self.context.execute_async_v2([int(self.d_in), int(self.d_out)], self.stream.handle)
+        self.cuda.memcpy_dtoh_async(self.h_out, self.d_out, self.stream)
+        self.stream.synchronize()
+        return self.h_out.copy()
+
+    def time_ms(self):
+        """One inference timed on the GPU with CUDA events (host copies excluded)."""
+        start, end = self.cuda.Event(), self.cuda.Event()
+        start.record(self.stream)
+        self.context.execute_async_v2([int(self.d_in), int(self.d_out)], self.stream.handle)
+        end.record(self.stream)
+        end.synchronize()
+        return start.time_till(end)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Measure an edgevit deploy bundle on a Jetson.")
+    ap.add_argument("bundle")
+    ap.add_argument("--out", default=None, help="default: BUNDLE/measured.json")
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--throughput-batch", type=int, default=8)
+    args = ap.parse_args(argv)
+
+    meta = load_bundle(args.bundle)
+    import pycuda.autoinit  # noqa: F401  (CUDA context)
+    import pycuda.driver as cuda
+    import tensorrt as trt
+
+    shape = [1] + list(meta["input"]["shape"][1:])
+    engine_path = os.path.join(args.bundle, "model.{}.trt{}.engine".format(meta["precision"], trt.__version__))
+    if not os.path.isfile(engine_path):
+        blob = build_engine(trt, os.path.join(args.bundle, meta["model"]), meta["precision"], shape,
+                            meta.get("workspace_mb", 512))
+        with open(engine_path + ".tmp", "wb") as f:
+            f.write(blob)
+        os.replace(engine_path + ".tmp", engine_path)
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    with open(engine_path, "rb") as f:
+        engine = runtime.deserialize_cuda_engine(f.read())
+
+    stats = Tegrastats()
+    one = Runner(trt, cuda, engine, shape)
+    for _ in range(args.warmup):
+        one.time_ms()
+    times = [one.time_ms() for _ in range(args.runs)]
+    batch = [args.throughput_batch] + shape[1:]
+    many = Runner(trt, cuda, engine, batch)
+    t0 = time.time()
+    for _ in range(20):
+        many.time_ms()
+    throughput = 20 * args.throughput_batch / (time.time() - t0)
+    top1 = None
+    if meta.get("validation"):
+        data = np.load(os.path.join(args.bundle, meta["validation"]))
+        x, y = data["x"].astype(np.float32), data["y"]
+        correct = sum(int(one(x[i:i + 1]).argmax()) == int(y[i]) for i in range(len(y)))
+        top1 = 100.0 * correct / max(len(y), 1)
+    sampled = stats.stop()
+    result = {"format": FORMAT_OUT, "device": device_info(trt.__version__),
+              "stages": [dict({"stage": meta.get("stage"), "precision": meta["precision"], "top1": top1,
+                               "latency_ms": percentiles(times), "throughput_ips": throughput,
+                               "runs": args.runs, "warmup": args.warmup}, **sampled)]}
+    out = args.out or os.path.join(args.bundle, "measured.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(out + ".tmp", out)
+    print("{}: median {:.2f} ms, p99 {:.2f} ms, {:.0f} img/s, top-1 {}".format(
+        meta.get("stage"), result["stages"][0]["latency_ms"]["median"], result["stages"][0]["latency_ms"]["p99"],
+        throughput, "n/a" if top1 is None else f"{top1:.2f}%"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
