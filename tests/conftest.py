@@ -114,3 +114,20 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
     return subprocess.run([sys.executable, "-m", "edgevit.cli.main", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout, check=False)
+
+
+def run_pipeline(data: dict, out: Path) -> tuple[dict, str]:
+    """Run a recipe mapping in-process; returns the report and everything the run printed."""
+    import io
+
+    from rich.console import Console
+
+    from edgevit.pipeline import Pipeline
+    from edgevit.recipe import parse_recipe
+    from edgevit.registry import Registry
+
+    reg = Registry()
+    recipe, steps = parse_recipe(data, out.parent, reg)
+    buf = io.StringIO()
+    report = Pipeline(recipe, steps, out, reg, Console(file=buf, width=200)).run()
+    return report, buf.getvalue()

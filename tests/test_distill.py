@@ -3,24 +3,19 @@ depth/width mismatch, training-only modules never leave training, resume, shrink
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import onnx
 import pytest
 import torch
-from rich.console import Console
 from safetensors.torch import load_file
 
 from edgevit.distill import DistillObjective, LossConfig, ShrinkConfig, shrink
 from edgevit.distill.objective import default_layers, teacher_input
 from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
-from edgevit.pipeline import Pipeline
-from edgevit.recipe import parse_recipe
-from edgevit.registry import Registry
-from tests.conftest import tiny_recipe_data
+from tests.conftest import run_pipeline, tiny_recipe_data
 
 TEACHER = dict(img_size=16, patch_size=4, num_classes=10, embed_dim=32, depth=4, num_heads=4, mlp_ratio=2.0)
 
@@ -181,16 +176,9 @@ def _distill_recipe(**distill) -> dict:
     ])
 
 
-def _run(data: dict, out: Path) -> tuple[dict, str]:
-    reg = Registry()
-    recipe, steps = parse_recipe(data, out.parent, reg)
-    buf = io.StringIO()
-    report = Pipeline(recipe, steps, out, reg, Console(file=buf, width=200)).run()
-    return report, buf.getvalue()
-
 
 def test_training_only_modules_stay_out_of_the_saved_graph_and_the_onnx(tmp_path: Path) -> None:
-    report, log = _run(_distill_recipe(), tmp_path / "run")
+    report, log = run_pipeline(_distill_recipe(), tmp_path / "run")
     stage = tmp_path / "run" / "02-distill"
     graph = ModelGraph.load(stage)
     saved = load_file(str(stage / "model.safetensors"))
@@ -210,7 +198,7 @@ def test_training_only_modules_stay_out_of_the_saved_graph_and_the_onnx(tmp_path
 def test_interrupted_distillation_resumes_to_the_same_weights(tmp_path: Path, monkeypatch) -> None:
     data = _distill_recipe()
     data["passes"] = data["passes"][:2]
-    _run(data, tmp_path / "straight")
+    run_pipeline(data, tmp_path / "straight")
 
     import edgevit.training.loop as loop
 
@@ -225,11 +213,11 @@ def test_interrupted_distillation_resumes_to_the_same_weights(tmp_path: Path, mo
 
     monkeypatch.setattr(loop, "_save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        _run(data, tmp_path / "crashed")
+        run_pipeline(data, tmp_path / "crashed")
     ckpt = load_file(str(tmp_path / "crashed" / ".02-distill.partial" / "checkpoint" / "weights.safetensors"))
     assert any(k.startswith("extra.") for k in ckpt)  # projectors/generators are checkpointed too
     monkeypatch.setattr(loop, "_save_checkpoint", real_save)
-    _, log = _run(data, tmp_path / "crashed")
+    _, log = run_pipeline(data, tmp_path / "crashed")
     assert "resuming distill after epoch 1" in log
     a = load_file(str(tmp_path / "straight" / "02-distill" / "model.safetensors"))
     b = load_file(str(tmp_path / "crashed" / "02-distill" / "model.safetensors"))
@@ -260,10 +248,10 @@ def test_a_cnn_teacher_from_a_model_source_runs_in_the_pipeline(tmp_path: Path) 
     cnn = {"source": "timm", "name": "test_resnet", "kwargs": {"num_classes": 10}}
     data = _distill_recipe(teacher=cnn, feature=0.0, mgd=0.0, epochs=1, teacher_img_size=[32, 32])
     data["passes"] = data["passes"][1:2]
-    _run(data, tmp_path / "run")
+    run_pipeline(data, tmp_path / "run")
     m = json.loads((tmp_path / "run" / "01-distill" / "metrics.json").read_text())["metrics"]
     assert set(m["log"][-1]) >= {"ce", "kd"} and "feat" not in m["log"][-1] and m["teacher_flops"] is None
     data = _distill_recipe(teacher=cnn, epochs=1)
     data["passes"] = data["passes"][1:2]
     with pytest.raises(EdgeVitError, match="gives logits only"):
-        _run(data, tmp_path / "run2")
+        run_pipeline(data, tmp_path / "run2")

@@ -14,17 +14,10 @@ from safetensors.torch import load_file
 from edgevit.pipeline import Pipeline
 from edgevit.recipe import parse_recipe
 from edgevit.registry import Registry
-from tests.conftest import run_cli, tiny_recipe_data
+from tests.conftest import run_cli, run_pipeline, tiny_recipe_data
 
 STAGES = ["00-source", "01-adapt", "02-export", "03-benchmark"]
 
-
-def run_pipeline(data: dict, out: Path) -> tuple[dict, str]:
-    reg = Registry()
-    recipe, steps = parse_recipe(data, out.parent, reg)
-    buf = io.StringIO()
-    report = Pipeline(recipe, steps, out, reg, Console(file=buf, width=200)).run()
-    return report, buf.getvalue()
 
 
 @pytest.fixture(scope="module")

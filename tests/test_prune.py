@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import subprocess
@@ -11,19 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
 
 from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
-from edgevit.pipeline import Pipeline
 from edgevit.prune.groups import head_columns
 from edgevit.prune.importance import magnitude_scores, taylor_scores
 from edgevit.prune.osscar import GramAccumulator, osscar_prune, selection_objective
 from edgevit.prune.plan import PlanConfig, Target, _slopes, plan
 from edgevit.prune.reconstruct import block0_inputs, osscar_model, refit_layer, run_block
-from edgevit.recipe import parse_recipe
-from edgevit.registry import Registry
-from tests.conftest import REPO, tiny_recipe_data
+from tests.conftest import REPO, run_pipeline, tiny_recipe_data
 
 
 def _problem(d: int = 12, m: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,11 +134,6 @@ def test_targets_are_met_within_one_group_step(tiny_graph) -> None:
         plan(tiny_graph, PlanConfig(target=Target(keep=0.01)))
 
 
-def _run(data: dict, out: Path) -> dict:
-    reg = Registry()
-    recipe, steps = parse_recipe(data, out.parent, reg)
-    return Pipeline(recipe, steps, out, reg, Console(file=io.StringIO())).run()
-
 
 @pytest.mark.parametrize("method", ["osscar", "taylor"])
 def test_pruned_model_saves_reloads_in_a_fresh_process_and_exports(tmp_path: Path, method: str) -> None:
@@ -152,7 +142,7 @@ def test_pruned_model_saves_reloads_in_a_fresh_process_and_exports(tmp_path: Pat
         {"prune": {"method": method, "heads": 0.5, "mlp": 0.5, "round_to": 8}},
         {"export": {"opset": 13, "parity_samples": 16}},
     ])
-    report = _run(data, tmp_path / "run")
+    report, _ = run_pipeline(data, tmp_path / "run")
     rows = {r["stage"]: r for r in report["stages"]}
     assert rows["02-prune"]["params"] < rows["01-adapt"]["params"]
     assert rows["02-prune"]["flops"] < rows["01-adapt"]["flops"]
@@ -176,7 +166,7 @@ def test_recovery_distils_from_the_unpruned_model(tmp_path: Path) -> None:
         {"adapt": {"epochs": 2, "lr": 0.003, "warmup_epochs": 0}},
         {"prune": {"method": "magnitude", "mlp": 0.5, "recover": {"epochs": 1, "lr": 0.001, "warmup_epochs": 0}}},
     ])
-    _run(data, tmp_path / "run")
+    run_pipeline(data, tmp_path / "run")
     m = json.loads((tmp_path / "run" / "02-prune" / "metrics.json").read_text())["metrics"]
     assert set(m["recover"]["log"][0]) >= {"ce", "kd", "val_top1"}
     assert "magnitude pruning kept" in (tmp_path / "run" / "report.md").read_text()

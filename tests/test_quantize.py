@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -11,13 +10,11 @@ import onnx
 import pytest
 import torch
 from PIL import Image
-from rich.console import Console
 
 from edgevit.calib.manifest import build_manifest, verify
 from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
 from edgevit.onnx_io import export_onnx
-from edgevit.pipeline import Pipeline
 from edgevit.quantize.fp16 import convert_fp16
 from edgevit.quantize.int8 import (
     activation_scales,
@@ -28,9 +25,7 @@ from edgevit.quantize.int8 import (
     zero_points,
 )
 from edgevit.quantize.sensitivity import logits
-from edgevit.recipe import parse_recipe
-from edgevit.registry import Registry
-from tests.conftest import run_cli, tiny_recipe_data
+from tests.conftest import run_cli, run_pipeline, tiny_recipe_data
 
 ALL = ["MatMul", "Gemm", "Conv"]
 
@@ -112,13 +107,6 @@ def test_fp16_parity_and_float32_islands(onnx_model: Path, tmp_path: Path) -> No
     assert softmax and all(n.input[0] in casts_to_f32 for n in softmax)  # kept in FP32
 
 
-def _run(data: dict, out: Path) -> tuple[dict, str]:
-    reg = Registry()
-    recipe, steps = parse_recipe(data, out.parent, reg)
-    buf = io.StringIO()
-    report = Pipeline(recipe, steps, out, reg, Console(file=buf, width=200)).run()
-    return report, buf.getvalue()
-
 
 def _quant_recipe(**quantize) -> dict:
     return tiny_recipe_data(passes=[
@@ -130,7 +118,7 @@ def _quant_recipe(**quantize) -> dict:
 
 
 def test_int8_pass_feeds_the_benchmark(tmp_path: Path) -> None:
-    report, _ = _run(_quant_recipe(), tmp_path / "run")
+    report, _ = run_pipeline(_quant_recipe(), tmp_path / "run")
     rows = {r["stage"]: r for r in report["stages"]}
     q = rows["03-quantize"]
     assert q["artifact"].endswith("model.int8.onnx") and q["size_bytes"] < rows["02-export"]["size_bytes"]
@@ -141,7 +129,7 @@ def test_int8_pass_feeds_the_benchmark(tmp_path: Path) -> None:
 
 
 def test_accuracy_budget_ranks_every_layer_and_meets_the_budget(tmp_path: Path) -> None:
-    _run(_quant_recipe(accuracy_budget=0.0, calibration="minmax", quantize_attention=True), tmp_path / "run")
+    run_pipeline(_quant_recipe(accuracy_budget=0.0, calibration="minmax", quantize_attention=True), tmp_path / "run")
     m = json.loads((tmp_path / "run" / "03-quantize" / "metrics.json").read_text())["metrics"]
     assert len(m["sensitivity"]) == 18 and all(v >= 0 for v in m["sensitivity"].values())
     ranked = list(m["sensitivity"])
@@ -153,7 +141,7 @@ def test_nano_profile_turns_int8_into_fp16_with_a_warning(tmp_path: Path) -> Non
     data = _quant_recipe()
     data["profile"] = "jetson-nano"
     data["passes"] = data["passes"][:3]
-    _, log = _run(data, tmp_path / "run")
+    _, log = run_pipeline(data, tmp_path / "run")
     assert "warning: jetson-nano has no INT8 support" in log
     m = json.loads((tmp_path / "run" / "03-quantize" / "metrics.json").read_text())["metrics"]
     assert m["precision"] == "fp16" and m["requested"] == "int8" and m["top1_agreement"] >= 0.95
@@ -161,7 +149,7 @@ def test_nano_profile_turns_int8_into_fp16_with_a_warning(tmp_path: Path) -> Non
     assert graph["artifacts"]["onnx"] == "model.fp16.onnx"
     data["passes"][2]["quantize"]["strict"] = True
     with pytest.raises(EdgeVitError, match="jetson-nano does not support int8"):
-        _run(data, tmp_path / "strict")
+        run_pipeline(data, tmp_path / "strict")
 
 
 def _folder(root: Path) -> Path:
@@ -208,7 +196,7 @@ def test_calib_cli_builds_from_a_recipe_and_the_pipeline_uses_it(tmp_path: Path,
     data = _quant_recipe()
     data["calibration"] = {"manifest": str(manifest)}
     data["passes"] = data["passes"][:3]
-    _run(data, tmp_path / "run")
+    run_pipeline(data, tmp_path / "run")
     m = json.loads((tmp_path / "run" / "03-quantize" / "metrics.json").read_text())["metrics"]
     assert m["calibration_images"] == 16
     next((tmp_path / "calib" / "digits-16-images").rglob("*.png")).write_bytes(b"not a png any more")
@@ -264,7 +252,7 @@ def test_attention_matmuls_can_stay_float_and_dynamic_layout(onnx_model: Path, t
 def test_dynamic_layout_through_the_pass(tmp_path: Path) -> None:
     data = _quant_recipe(layout="ort_cpu_dynamic", quantize_attention=False)
     data["passes"] = data["passes"][:3]
-    _run(data, tmp_path / "run")
+    run_pipeline(data, tmp_path / "run")
     m = json.loads((tmp_path / "run" / "03-quantize" / "metrics.json").read_text())["metrics"]
     assert m["layout"] == "ort_cpu_dynamic" and m["calibration"] is None and len(m["kept_float"]) == 4
     assert m["top1_agreement"] >= 0.9

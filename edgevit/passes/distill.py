@@ -85,7 +85,7 @@ class DistillPass(Pass):
             g = ctx.teacher if ctx.stages else graph
             t = LoadedTeacher(g.module, g, g.spec.mean, g.spec.std)
         t.module.to(ctx.device)
-        out = _num_outputs(t, graph)
+        out = _num_outputs(t)
         if out != ctx.data.num_classes:
             raise EdgeVitError(
                 f"passes.distill.teacher: outputs {out} classes but the data has {ctx.data.num_classes}; "
@@ -94,7 +94,7 @@ class DistillPass(Pass):
         return t
 
 
-def _num_outputs(t: LoadedTeacher, graph: ModelGraph) -> int:
+def _num_outputs(t: LoadedTeacher) -> int:
     if t.graph is not None:
         return t.graph.spec.num_classes
     return int(getattr(t.module, "num_classes", 0) or 0)

@@ -80,7 +80,7 @@ class QuantizePass(Pass):
             convert_fp16(src, out, cfg.keep_fp32)
             self.metrics["kept_fp32_ops"] = cfg.keep_fp32
         else:
-            out = self._int8(cfg, graph, ctx, src, eval_x, eval_y)
+            out = self._int8(cfg, ctx, src, eval_x, eval_y, ref)
         q = logits(out, eval_x)
         self.metrics.update({
             "eval_samples": len(eval_y),
@@ -108,7 +108,7 @@ class QuantizePass(Pass):
         raise EdgeVitError(f"passes.quantize.precision: {p.name} does not support {cfg.precision} "
                            f"(it supports {', '.join(p.precisions)})")
 
-    def _int8(self, cfg: QuantizeConfig, graph: ModelGraph, ctx: RunContext, src, eval_x, eval_y):  # noqa: ANN001, ANN202
+    def _int8(self, cfg: QuantizeConfig, ctx: RunContext, src, eval_x, eval_y, ref):  # noqa: ANN001, ANN202
         layout = cfg.layout
         if layout == "auto":
             layout = "tensorrt" if ctx.profile is not None and ctx.profile.runtime == "tensorrt" else "ort_cpu"
@@ -142,7 +142,8 @@ class QuantizePass(Pass):
                 task = progress.add_task("sensitivity", total=len(nodes), info="")
                 sens = node_sensitivity(pre, ctx.stage_dir, nodes, calib, qargs, lambda: progress.advance(task))
             ranked = sorted(sens, key=sens.__getitem__, reverse=True)
-            kept, _, _ = keep_in_float(pre, out, calib, eval_x, eval_y, ranked, cfg.accuracy_budget, qargs,
+            fp32 = 100.0 * float((ref.argmax(1) == eval_y).mean())
+            kept, _ = keep_in_float(pre, out, eval_x, eval_y, fp32, ranked, cfg.accuracy_budget, qargs,
                                        cfg.exclude_nodes + skip)
             self.metrics["sensitivity"] = {k: round(v, 6) for k, v in sorted(sens.items(), key=lambda kv: -kv[1])}
             if kept:

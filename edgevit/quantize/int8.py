@@ -36,6 +36,13 @@ class _Reader:
         pass
 
 
+def _ort_method(method: Method) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+            "entropy": CalibrationMethod.Entropy}[method]
+
+
 def preprocess(src: Path, dst: Path) -> None:
     """Shape inference + graph optimisation, as ONNX Runtime recommends before quantizing."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -73,10 +80,9 @@ def calibrate(src: Path, images: np.ndarray, cache: Path, method: Method = "perc
     JSON): computed once, reused by every quantization of the same model and method."""
     import tempfile
 
-    from onnxruntime.quantization import CalibrationMethod, create_calibrator, save_tensors_data
+    from onnxruntime.quantization import create_calibrator, save_tensors_data
 
-    calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-             "entropy": CalibrationMethod.Entropy}[method]
+    calib = _ort_method(method)
     options: dict[str, Any] = {"symmetric": layout == "tensorrt", "moving_average": False, "percentile": percentile}
     if method == "entropy":
         # ORT's entropy default is 128 histogram bins for 128 quantized bins, which leaves one
@@ -111,10 +117,9 @@ def quantize_int8(
 ) -> None:
     """Quantize the (pre-processed) float model ``src`` into ``dst`` (written atomically),
     calibrating on ``images`` unless a ``cache`` from :func:`calibrate` is given."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-             "entropy": CalibrationMethod.Entropy}[method]
+    calib = _ort_method(method)
     trt = layout == "tensorrt"
     op_types = op_types or ["MatMul", "Gemm", "Conv"]
     extra: dict[str, Any] = {

@@ -34,16 +34,15 @@ def node_sensitivity(pre: Path, work: Path, nodes: list[str], calib: np.ndarray,
     return out
 
 
-def keep_in_float(pre: Path, dst: Path, calib: np.ndarray, eval_images: np.ndarray, eval_labels: np.ndarray,
-                  ranked: list[str], budget: float, qargs: dict, exclude: list[str]) -> tuple[list[str], float, float]:
+def keep_in_float(pre: Path, dst: Path, eval_images: np.ndarray, eval_labels: np.ndarray, fp32: float,
+                  ranked: list[str], budget: float, qargs: dict, exclude: list[str]) -> tuple[list[str], float]:
     """Quantize into ``dst`` keeping the fewest of ``ranked`` (worst first) in float so that
-    top-1 drops by at most ``budget`` points; returns (kept, float top-1, int8 top-1)."""
-    fp32 = 100.0 * float((logits(pre, eval_images).argmax(1) == eval_labels).mean())
+    top-1 stays within ``budget`` points of the float model's ``fp32``; returns (kept, int8 top-1)."""
     top1 = fp32
     for k in range(len(ranked) + 1):
         kept = ranked[:k]
         quantize_int8(pre, dst, nodes_to_exclude=exclude + kept, **qargs)
         top1 = 100.0 * float((logits(dst, eval_images).argmax(1) == eval_labels).mean())
         if fp32 - top1 <= budget:
-            return kept, fp32, top1
-    return ranked, fp32, top1
+            return kept, top1
+    return ranked, top1
