@@ -54,6 +54,11 @@ class RunContext:
         return dataclasses.replace(self, stage_dir=stage_dir, stages=list(stages))
 
     @property
+    def stage_name(self) -> str:
+        """This stage's directory name once it is finished (it runs in ``.NN-pass.partial``)."""
+        return self.stage_dir.name.removeprefix(".").removesuffix(".partial")
+
+    @property
     def teacher(self) -> ModelGraph:
         """The model knowledge comes from: the latest ``adapt`` output, else the input model."""
         if self._teacher is None:

@@ -35,6 +35,29 @@ def export_onnx(graph: ModelGraph, path: Path, opset: int = 17, dynamic_batch: b
         onnx.checker.check_model(str(tmp), full_check=True)
 
 
+def simplify_onnx(path: Path) -> dict[str, int]:
+    """Fold constants and drop redundant nodes in place (ONNX Runtime's basic level, which
+    rewrites only into standard ONNX ops), then check the result. Returns node counts."""
+    import onnx
+    import onnxruntime as ort
+
+    before = len(onnx.load(str(path), load_external_data=False).graph.node)
+    with atomic_path(Path(path)) as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = str(tmp)
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        model = onnx.load(str(tmp))
+        used = {n.domain for n in model.graph.node}
+        keep = [o for o in model.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+        onnx.save(model, str(tmp))
+        onnx.checker.check_model(str(tmp), full_check=True)
+    return {"nodes_before": before, "nodes_after": len(model.graph.node)}
+
+
 def op_counts(path: Path) -> dict[str, int]:
     import onnx
 

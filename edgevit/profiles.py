@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgevit.errors import EdgeVitError, did_you_mean
+from edgevit.predict.roofline import RooflineFit
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
 
@@ -37,8 +38,15 @@ class DeviceProfile(BaseModel):
     cudnn: str | None = None
     tensorrt: str | None = Field(None, description="TensorRT version on the device, e.g. '8.2'")
     python: str | None = None
+    usable_memory_mb: int | None = Field(None, ge=1, description="what one process can use once the OS runs")
+    runtime_memory_mb: float | None = Field(None, ge=0, description="the inference runtime's own footprint "
+                                            "(CUDA context, cuBLAS/cuDNN/TensorRT libraries)")
+    workspace_mb: int = Field(256, ge=0, description="TensorRT builder workspace the deploy bundle asks for")
     max_opset: int = Field(17, ge=11)
+    static_batch: bool = Field(False, description="export with batch fixed to 1 (engines built for one shape)")
     layernorm_op: bool = Field(True, description="the runtime has a LayerNormalization op (TensorRT >= 8.6)")
+    roofline: RooflineFit | None = Field(None, description="latency model fitted to published measurements "
+                                         "(bench/predict.py --write)")
     caveats: list[str] = Field(default_factory=list)
     sources: dict[str, str] = Field(default_factory=dict, description="fact name → where it comes from")
 
@@ -51,6 +59,10 @@ class DeviceProfile(BaseModel):
 
     def supports(self, precision: str) -> bool:
         return precision in self.precisions
+
+    def deploy_precision(self) -> str:
+        """The float precision an engine is built at: FP16 where the device has it."""
+        return "fp16" if "fp16" in self.precisions else "fp32"
 
     def export_opset(self, wanted: int | None = None) -> int:
         """The opset to export at: what the runtime parses, never above ``wanted``."""

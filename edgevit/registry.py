@@ -25,6 +25,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "quantize": "edgevit.passes.quantize:QuantizePass",
         "export": "edgevit.passes.export:ExportPass",
         "benchmark": "edgevit.passes.benchmark:BenchmarkPass",
+        "bundle": "edgevit.passes.bundle:BundlePass",
     },
     "adapters": {
         "timm": "edgevit.graph.adapters.timm_vit:TimmViTAdapter",

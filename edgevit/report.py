@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edgevit.errors import EdgeVitError
 from edgevit.fileio import read_json, write_json, write_text
 
 DASH = "—"
+MEASURED_FORMAT = "edgevit.measured/1"  # what deploy/jetson/edgevit_jetson_bench.py writes
 
 
 def _stage_entry(run_dir: Path, st: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
@@ -32,7 +34,7 @@ def _stage_entry(run_dir: Path, st: dict[str, Any], measured: dict[str, Any]) ->
         "peak_mem_mb": m.get("peak_rss_mb"),
         "model_mem_mb": m.get("model_mem_mb"),
         "seconds": st.get("seconds"),
-        "predicted": None,  # filled from a device profile by later passes
+        "predicted": m.get("predicted"),  # the recipe's device profile, from the benchmark pass
         "metrics": metrics.get("metrics", {}),
     }
 
@@ -50,10 +52,41 @@ def build_report(run_dir: Path) -> dict[str, Any]:
             host = b.get("host")
             measured = {x["stage"]: x for x in b["stages"]}
     stages = [_stage_entry(run_dir, st, measured) for st in manifest["stages"] if st["name"] != "benchmark"]
-    report = {"run": manifest["recipe"], "host": host, "stages": stages}
+    devices = _attach_device_measurements(run_dir, stages)
+    report = {"run": manifest["recipe"], "host": host, "stages": stages, "devices": devices}
     write_json(run_dir / "report.json", report)
     write_text(run_dir / "report.md", render_markdown(report))
     return report
+
+
+def read_measured(path: Path) -> dict[str, Any]:
+    """A Jetson-side result file, checked enough to say clearly when it is something else."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as e:
+        raise EdgeVitError(f"report: cannot read {path} as JSON: {e}") from e
+    if not isinstance(data, dict) or data.get("format") != MEASURED_FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise EdgeVitError(f"report: {path} is not a device measurement (format {got!r}, expected "
+                           f"{MEASURED_FORMAT!r}); pass the JSON edgevit_jetson_bench.py wrote")
+    if not isinstance(data.get("stages"), list) or not all(isinstance(s, dict) and "stage" in s
+                                                           for s in data["stages"]):
+        raise EdgeVitError(f"report: {path} has no list of stages with a 'stage' name each")
+    return data
+
+
+def _attach_device_measurements(run_dir: Path, stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every file under ``run_dir/measured/`` (added by ``edgevit report --measured``)."""
+    devices = []
+    by_stage = {s["stage"]: s for s in stages}
+    for path in sorted((run_dir / "measured").glob("*.json")):
+        data = read_measured(path)
+        devices.append({"file": str(path.relative_to(run_dir)), **(data.get("device") or {})})
+        for m in data["stages"]:
+            entry = by_stage.get(m["stage"])
+            if entry is not None:
+                entry.setdefault("measured_on_device", []).append({"device": data.get("device"), **m})
+    return devices
 
 
 def fmt(value: Any, spec: str = "", scale: float = 1.0) -> str:
@@ -85,10 +118,45 @@ def render_markdown(report: dict[str, Any]) -> str:
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     out += ["", "— = not measured for this stage (add a `benchmark` pass to measure it)."]
+    device_rows = prediction_rows(report)
+    if device_rows:
+        p_head, p_rows = device_rows
+        profile = next(s["predicted"]["profile"] for s in report["stages"] if s.get("predicted"))
+        out += ["", f"## Predicted on {profile}", "",
+                "Batch-1 latency from a per-kernel roofline fitted to published measurements on the device, "
+                "memory of one inference process, and whether the stage deploys as it is.", ""]
+        out += ["| " + " | ".join(p_head) + " |", "|" + "---|" * len(p_head)]
+        out += ["| " + " | ".join(r) + " |" for r in p_rows]
+        reasons = [(s["stage"], r) for s in report["stages"] for r in (s.get("predicted") or {}).get("reasons", [])]
+        out += [""] + [f"- **{stage}**: {r}" for stage, r in reasons] if reasons else []
     notes = stage_notes(report)
     if notes:
         out += ["", "## Stages", ""] + [f"- **{stage}**: {note}" for stage, note in notes]
     return "\n".join(out) + "\n"
+
+
+def prediction_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Predicted vs (when a device result was added) measured, one row per stage."""
+    if not any(s.get("predicted") for s in report["stages"]):
+        return None
+    measured = any(s.get("measured_on_device") for s in report["stages"])
+    head = ["stage", "precision", "pred ms", "pred MB", "verdict"]
+    if measured:
+        head += ["device ms (p50)", "error %", "device top-1 %", "device RAM MB"]
+    rows = []
+    for s in report["stages"]:
+        p = s.get("predicted")
+        if not p:
+            continue
+        row = [s["stage"], p["precision"], fmt(p.get("latency_ms"), ".2f"), fmt(p.get("memory_mb"), ".0f"),
+               p["verdict"]]
+        if measured:
+            m = (s.get("measured_on_device") or [{}])[-1]
+            got = (m.get("latency_ms") or {}).get("median")
+            err = (100 * (p["latency_ms"] - got) / got) if got and p.get("latency_ms") is not None else None
+            row += [fmt(got, ".2f"), fmt(err, "+.1f"), fmt(m.get("top1"), ".2f"), fmt(m.get("peak_mem_mb"), ".0f")]
+        rows.append(row)
+    return head, rows
 
 
 def stage_notes(report: dict[str, Any]) -> list[tuple[str, str]]:

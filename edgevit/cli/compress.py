@@ -6,11 +6,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from edgevit.cli.report import print_report
 from edgevit.recipe import load_recipe
 from edgevit.registry import Registry
-from edgevit.report import stage_notes, table_rows
 
 
 def compress(
@@ -37,13 +36,4 @@ def compress(
         distributed.shutdown()
     if not env.is_main:
         return
-    head, rows = table_rows(report)
-    table = Table(title=f"{rec.name}: one row per stage", title_justify="left")
-    for h in head:
-        table.add_column(h, justify="left" if h == "stage" else "right")
-    for r in rows:
-        table.add_row(*r)
-    Console().print(table)
-    for stage, note in stage_notes(report):
-        Console().print(f"{stage}: {note}")
-    Console().print(f"report: {run_dir / 'report.md'} and {run_dir / 'report.json'}")
+    print_report(report, run_dir)

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from edgevit import __version__
-from edgevit.cli import calib, compress, inspect, passes, profiles
+from edgevit.cli import calib, compress, inspect, passes, profiles, report
 from edgevit.errors import EdgeVitError
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app = typer.Typer(
 app.command("compress")(compress.compress)
 app.command("inspect")(inspect.inspect)
 app.command("passes")(passes.passes)
+app.command("report")(report.report)
 app.add_typer(profiles.app, name="profiles")
 app.add_typer(calib.app, name="calib")
 

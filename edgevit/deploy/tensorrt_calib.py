@@ -71,29 +71,15 @@ def write_calibration_cache(onnx_path: Path, images: np.ndarray, cache: Path, ba
                             workspace_mb: int = 512) -> Path:
     """Build an INT8 engine once with the entropy calibrator so TensorRT writes ``cache``
     (reused by later builds, on the host or the Jetson, for the same network)."""
+    from edgevit.deploy.jetson import edgevit_jetson_bench as jetson
+
     trt, _ = require_tensorrt()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(Path(onnx_path).read_bytes()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EdgeVitError(f"tensorrt: cannot parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    if hasattr(config, "set_memory_pool_limit"):  # TensorRT >= 8.4
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    else:  # TensorRT 8.2
-        config.max_workspace_size = workspace_mb << 20
-    config.set_flag(trt.BuilderFlag.INT8)
-    inp = network.get_input(0)
-    shape = tuple(images.shape[1:])
-    profile = builder.create_optimization_profile()
-    profile.set_shape(inp.name, (1, *shape), (batch_size, *shape), (batch_size, *shape))
-    config.add_optimization_profile(profile)
-    config.set_calibration_profile(profile)
-    config.int8_calibrator = entropy_calibrator(images, cache, batch_size)
-    if builder.build_serialized_network(network, config) is None:
-        raise EdgeVitError(f"tensorrt: building the INT8 engine for {onnx_path} failed (see TensorRT's log)")
+    shape = [batch_size, *images.shape[1:]]
+    try:
+        jetson.build_engine(trt, str(onnx_path), "int8", shape, workspace_mb,
+                            calibrator=entropy_calibrator(images, cache, batch_size), max_batch=batch_size)
+    except SystemExit as e:
+        raise EdgeVitError(f"tensorrt: {str(e.code).removeprefix('error: ')}") from e
     if not Path(cache).is_file():
         raise EdgeVitError("tensorrt: the build finished but wrote no calibration cache")
     return Path(cache)

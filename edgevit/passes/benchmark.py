@@ -16,6 +16,7 @@ from edgevit.fileio import write_json
 from edgevit.graph import ModelGraph
 from edgevit.onnx_io import export_onnx, session, top1
 from edgevit.passes.base import Pass, PassConfig
+from edgevit.predict.device import predict_onnx
 from edgevit.training.evaluate import evaluate_top1
 
 
@@ -40,24 +41,32 @@ def measure_latency(path: Path, batch: int, cfg: BenchmarkConfig) -> dict[str, A
 class BenchmarkPass(Pass):
     name = "benchmark"
     Config = BenchmarkConfig
-    summary = "top-1, host latency (median/p90/p99), throughput, memory, size for every stage"
+    summary = ("top-1, host latency (median/p90/p99), throughput, memory, size for every stage; predicted "
+               "latency, memory and a verdict on the recipe's device profile")
     modifies_weights = False
 
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
         cfg: BenchmarkConfig = self.config  # type: ignore[assignment]
         results = []
         val = ctx.data.val_loader()
+        seen: set[Path] = set()
         with ctx.progress() as progress:
             task = progress.add_task("benchmark", total=len(ctx.stages), info="")
             for stage in ctx.stages:
                 progress.update(task, info=stage.dir.name)
                 g = ModelGraph.load(stage.dir, ctx.registry)
                 onnx_path = g.artifacts.get("onnx")
+                if onnx_path is not None and onnx_path in seen:  # e.g. a bundle of the stage before
+                    progress.update(task, advance=1)
+                    continue
+                if onnx_path is not None:
+                    seen.add(onnx_path)
                 if onnx_path is not None and onnx_path.is_file():
                     acc, runtime = top1(session(onnx_path), val), "onnxruntime"
                 else:
                     onnx_path = ctx.stage_dir / "onnx" / f"{stage.dir.name}.onnx"
-                    export_onnx(g, onnx_path, opset=cfg.opset, dynamic_batch=True)
+                    opset = ctx.profile.export_opset(cfg.opset) if ctx.profile is not None else cfg.opset
+                    export_onnx(g, onnx_path, opset=opset, dynamic_batch=True)
                     acc, runtime = evaluate_top1(g.module, val, ctx.device), "torch"
                 lat = measure_latency(onnx_path, 1, cfg)
                 thr = measure_latency(onnx_path, cfg.throughput_batch, cfg)
@@ -76,9 +85,13 @@ class BenchmarkPass(Pass):
                     "peak_rss_mb": round(lat["peak_rss_mb"], 1),
                     "model_mem_mb": round(lat["model_mem_mb"], 1),
                     "providers": lat["providers"],
+                    "predicted": predict_onnx(onnx_path, ctx.profile) if ctx.profile is not None else None,
                 })
                 progress.update(task, advance=1)
-                ctx.console.print(f"  {stage.dir.name}: top-1 {acc:.2f}%  median {lat['median_ms']:.3f} ms")
+                pred = results[-1]["predicted"]
+                on = (f"; {pred['profile']} {pred['precision']}: {pred['latency_ms']} ms predicted, {pred['verdict']}"
+                      if pred and pred.get("latency_ms") is not None else "")
+                ctx.console.print(f"  {stage.dir.name}: top-1 {acc:.2f}%  median {lat['median_ms']:.3f} ms{on}")
         write_json(ctx.stage_dir / "benchmark.json", {"host": host_info(), "stages": results})
         self.metrics = {"stages_measured": len(results)}
         return graph

@@ -9,14 +9,17 @@ from pydantic import Field
 from edgevit.context import RunContext
 from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
-from edgevit.onnx_io import export_onnx, op_counts, run_batches, session
+from edgevit.onnx_io import export_onnx, op_counts, run_batches, session, simplify_onnx
 from edgevit.passes.base import Pass, PassConfig
 
 
 class ExportConfig(PassConfig):
     opset: int | None = Field(None, ge=11, le=21, description="ONNX opset; default: what the recipe's profile "
                               "parses (Jetson Nano: 13, LayerNorm decomposed), else 17")
-    dynamic_batch: bool = Field(True, description="batch axis left symbolic; false fixes it to 1")
+    dynamic_batch: bool | None = Field(None, description="batch axis left symbolic; false fixes it to 1; "
+                                       "default: what the recipe's profile asks for, else symbolic")
+    simplify: bool = Field(True, description="fold constants and drop redundant nodes (ONNX Runtime basic "
+                           "level, standard ops only), then onnx.checker")
     parity_samples: int = Field(64, ge=1, description="validation images compared torch vs ONNX Runtime")
     atol: float = Field(1e-3, gt=0, description="largest allowed |logit difference|")
     min_agreement: float = Field(0.99, ge=0, le=1, description="smallest allowed top-1 agreement")
@@ -25,7 +28,7 @@ class ExportConfig(PassConfig):
 class ExportPass(Pass):
     name = "export"
     Config = ExportConfig
-    summary = "ONNX export (chosen opset), onnx.checker, parity vs torch on real images"
+    summary = "ONNX export (the profile's opset and batch shape), simplified, onnx.checker, parity vs torch"
     modifies_weights = False
 
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
@@ -38,7 +41,11 @@ class ExportPass(Pass):
                 ctx.console.print(f"[yellow]warning:[/yellow] {ctx.profile.name} parses ONNX up to opset {opset}"
                                   f"{'' if ctx.profile.layernorm_op else ' without LayerNormalization'}; "
                                   f"exporting at {opset} instead of {cfg.opset}")
-        export_onnx(graph, path, opset=opset, dynamic_batch=cfg.dynamic_batch)
+        dynamic = cfg.dynamic_batch
+        if dynamic is None:
+            dynamic = not (ctx.profile is not None and ctx.profile.static_batch)
+        export_onnx(graph, path, opset=opset, dynamic_batch=dynamic)
+        simplified = simplify_onnx(path) if cfg.simplify else None
         images, _ = ctx.data.sample(cfg.parity_samples, ctx.seed, "val")
         with torch.no_grad():
             ref = graph.module.cpu().eval()(images).numpy()
@@ -47,6 +54,8 @@ class ExportPass(Pass):
         agree = float((ref.argmax(-1) == got.argmax(-1)).mean())
         self.metrics = {
             "opset": opset,
+            "dynamic_batch": dynamic,
+            "simplified": simplified,
             "onnx_bytes": path.stat().st_size,
             "parity_max_abs_diff": diff,
             "parity_top1_agreement": agree,

@@ -43,7 +43,7 @@ def percentiles(times_ms):
 
 
 _RAM = re.compile(r"RAM (\d+)/(\d+)MB")
-_POWER = re.compile(r"(POM_5V_IN|VDD_IN) (\d+)/(\d+)")
+_POWER = re.compile(r"(POM_5V_IN|VDD_IN) (\d+)(?:mW)?/(\d+)")
 
 
 def parse_tegrastats(line):
@@ -123,51 +123,117 @@ def load_bundle(directory):
     return meta
 
 
-def build_engine(trt, onnx_path, precision, shape, workspace_mb):
+def build_engine(trt, onnx_path, precision, shape, workspace_mb, timing_cache=None, calibrator=None,
+                 max_batch=32):
+    """Serialized engine for the ONNX at ``onnx_path`` (TensorRT 8.2 ... 10.x).
+
+    ``precision`` fp32/fp16/int8: int8 uses the model's own Q/DQ nodes when it has them,
+    else ``calibrator`` (implicit INT8, TensorRT < 10). ``timing_cache``: a file that keeps
+    kernel timings between builds, so a rebuild on the same board takes seconds."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):  # implicit in TensorRT 10
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     with open(onnx_path, "rb") as f:
         if not parser.parse(f.read()):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise SystemExit(f"error: TensorRT cannot parse {onnx_path}: {errors}")
+            raise SystemExit("error: TensorRT cannot parse {}: {}".format(onnx_path, errors))
     config = builder.create_builder_config()
     if hasattr(config, "set_memory_pool_limit"):  # TensorRT >= 8.4
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     else:  # TensorRT 8.2 (JetPack 4.6)
         config.max_workspace_size = workspace_mb << 20
-    if precision == "fp16":
+    if precision in ("fp16", "int8") and getattr(builder, "platform_has_fast_fp16", True):
         config.set_flag(trt.BuilderFlag.FP16)
+        keep_norms_fp32(trt, network, config)
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+        if calibrator is not None:
+            config.int8_calibrator = calibrator
+    cache = None
+    if timing_cache is not None:
+        blob = b""
+        if os.path.isfile(timing_cache):
+            with open(timing_cache, "rb") as f:
+                blob = f.read()
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, False)
     inp = network.get_input(0)
     if any(d < 0 for d in inp.shape):  # dynamic batch: optimise for the shapes we run
         profile = builder.create_optimization_profile()
-        profile.set_shape(inp.name, tuple(shape), tuple(shape), (max(32, shape[0]),) + tuple(shape[1:]))
+        top = (max(max_batch, shape[0]),) + tuple(shape[1:])
+        profile.set_shape(inp.name, tuple(shape), tuple(shape), top)
         config.add_optimization_profile(profile)
+        if calibrator is not None:
+            config.set_calibration_profile(profile)
     blob = builder.build_serialized_network(network, config)
     if blob is None:
         raise SystemExit("error: the engine build failed (often: out of memory on a 4 GB board)")
+    if cache is not None:
+        with open(timing_cache + ".tmp", "wb") as f:
+            f.write(memoryview(cache.serialize()))
+        os.replace(timing_cache + ".tmp", timing_cache)
     return bytes(blob)
 
 
+def keep_norms_fp32(trt, network, config):
+    """Run decomposed LayerNorm (ReduceMean, Sub, Pow, Sqrt, Div under a ``norm`` scope) in FP32:
+    its sum of squares overflows FP16 on real activations. Returns how many layers were pinned."""
+    kinds = {trt.LayerType.REDUCE, trt.LayerType.ELEMENTWISE, trt.LayerType.UNARY}
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in kinds and "norm" in layer.name.lower():
+            layer.precision = trt.float32
+            layer.set_output_type(0, trt.float32)
+            pinned += 1
+    if pinned:
+        flag = getattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS", None)  # TensorRT >= 8.4
+        config.set_flag(flag if flag is not None else trt.BuilderFlag.STRICT_TYPES)  # 8.2
+    return pinned
+
+
 class Runner:
-    """One execution context with pinned host buffers and device buffers for a batch size."""
+    """One execution context with pinned host buffers and device buffers for a batch size.
+
+    TensorRT 10 removed bindings: it addresses tensors by name (``set_tensor_address`` and
+    ``execute_async_v3``); 8.x uses binding indices and ``execute_async_v2``."""
 
     def __init__(self, trt, cuda, engine, shape):
         self.cuda = cuda
         self.context = engine.create_execution_context()
-        self.context.set_binding_shape(0, tuple(shape))
-        out_shape = tuple(self.context.get_binding_shape(1))
+        self.v3 = hasattr(engine, "num_io_tensors")
+        if self.v3:
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            ins = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+            outs = [n for n in names if n not in ins]
+            self.context.set_input_shape(ins[0], tuple(shape))
+            out_shape = tuple(self.context.get_tensor_shape(outs[0]))
+        else:
+            self.context.set_binding_shape(0, tuple(shape))
+            out_shape = tuple(self.context.get_binding_shape(1))
         self.h_in = cuda.pagelocked_empty(tuple(shape), dtype=np.float32)
         self.h_out = cuda.pagelocked_empty(out_shape, dtype=np.float32)
         self.d_in = cuda.mem_alloc(self.h_in.nbytes)
         self.d_out = cuda.mem_alloc(self.h_out.nbytes)
         self.stream = cuda.Stream()
+        if self.v3:
+            self.context.set_tensor_address(ins[0], int(self.d_in))
+            self.context.set_tensor_address(outs[0], int(self.d_out))
+
+    def _enqueue(self):
+        if self.v3:
+            self.context.execute_async_v3(self.stream.handle)
+        else:
+            self.context.execute_async_v2([int(self.d_in), int(self.d_out)], self.stream.handle)
 
     def __call__(self, x):
         np.copyto(self.h_in, x)
         self.cuda.memcpy_htod_async(self.d_in, self.h_in, self.stream)
-        self.context.execute_async_v2([int(self.d_in), int(self.d_out)], self.stream.handle)
+        self._enqueue()
         self.cuda.memcpy_dtoh_async(self.h_out, self.d_out, self.stream)
         self.stream.synchronize()
         return self.h_out.copy()
@@ -176,7 +242,7 @@ class Runner:
         """One inference timed on the GPU with CUDA events (host copies excluded)."""
         start, end = self.cuda.Event(), self.cuda.Event()
         start.record(self.stream)
-        self.context.execute_async_v2([int(self.d_in), int(self.d_out)], self.stream.handle)
+        self._enqueue()
         end.record(self.stream)
         end.synchronize()
         return start.time_till(end)
@@ -200,7 +266,8 @@ def main(argv=None):
     engine_path = os.path.join(args.bundle, "model.{}.trt{}.engine".format(meta["precision"], trt.__version__))
     if not os.path.isfile(engine_path):
         blob = build_engine(trt, os.path.join(args.bundle, meta["model"]), meta["precision"], shape,
-                            meta.get("workspace_mb", 512))
+                            meta.get("workspace_mb", 512), timing_cache=os.path.join(args.bundle, "timing.cache"),
+                            max_batch=args.throughput_batch)
         with open(engine_path + ".tmp", "wb") as f:
             f.write(blob)
         os.replace(engine_path + ".tmp", engine_path)

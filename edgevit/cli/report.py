@@ -1,0 +1,57 @@
+"""``edgevit report RUN [--measured result.json]``: rebuild a run's report, optionally with
+what the Jetson-side script measured on the board set beside the prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgevit.errors import EdgeVitError
+
+
+def report(
+    run: Path = typer.Argument(..., help="a run directory (runs/<recipe name>)"),
+    measured: list[Path] = typer.Option([], "--measured", help="JSON written by edgevit_jetson_bench.py on the "
+                                        "device; copied into RUN/measured/ and kept for later rebuilds"),
+) -> None:
+    """Rebuild RUN/report.md and report.json; print host figures and predicted vs measured on the device."""
+    from edgevit.fileio import write_json
+    from edgevit.report import build_report, read_measured
+
+    if not (run / "manifest.json").is_file():
+        raise EdgeVitError(f"report: {run} is not a run directory (no manifest.json); pass runs/<recipe name>")
+    for path in measured:
+        if not path.is_file():
+            raise EdgeVitError(f"report: measured file not found: {path}")
+        data = read_measured(path)
+        device = (data.get("device") or {}).get("model") or "device"
+        stem = "".join(c if c.isalnum() else "-" for c in device).strip("-").lower() or "device"
+        write_json(run / "measured" / f"{stem}-{path.stem}.json", data)
+    print_report(build_report(run), run)
+
+
+def print_report(rep: dict, run: Path) -> None:
+    """The host table, the device table (when a profile was set), and one line per stage note."""
+    from edgevit.report import prediction_rows, stage_notes, table_rows
+
+    console = Console()
+    profile = next((s["predicted"]["profile"] for s in rep["stages"] if s.get("predicted")), "device")
+    for title, rows in ((f"{rep['run']}: one row per stage (host)", table_rows(rep)),
+                        (f"predicted on {profile}", prediction_rows(rep))):
+        if rows is None:
+            continue
+        table = Table(title=title, title_justify="left")
+        for h in rows[0]:
+            table.add_column(h, justify="left" if h in ("stage", "verdict", "precision") else "right")
+        for r in rows[1]:
+            table.add_row(*r)
+        console.print(table)
+    for s in rep["stages"]:
+        for reason in (s.get("predicted") or {}).get("reasons", []):
+            console.print(f"{s['stage']}: {reason}")
+    for stage, note in stage_notes(rep):
+        console.print(f"{stage}: {note}")
+    console.print(f"report: {run / 'report.md'} and {run / 'report.json'}")

@@ -1,0 +1,1 @@
+"""Device prediction: ONNX → kernels → roofline latency and memory → deployability verdict."""
