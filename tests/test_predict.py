@@ -144,3 +144,38 @@ def test_a_profile_without_a_fit_says_so(vit_graph: ModelGraph, tmp_path: Path) 
     export_onnx(vit_graph, tmp_path / "m.onnx", opset=17)
     p = predict_onnx(tmp_path / "m.onnx", load_profile("xavier-nx"))
     assert p["latency_ms"] is None and "no fitted roofline" in p["calibration"]
+
+
+def _prune_recipe(keep: float, profile: str | None = "jetson-nano") -> dict:
+    from tests.conftest import tiny_recipe_data
+
+    data = tiny_recipe_data(model={"source": "timm", "architecture": "VisionTransformer",
+                                   "kwargs": dict(img_size=64, patch_size=4, num_classes=10, embed_dim=128, depth=2,
+                                                  num_heads=4, mlp_ratio=4.0)})
+    if profile:
+        data["profile"] = profile
+    data["passes"] = [{"prune": {"method": "magnitude", "target": {"metric": "latency", "keep": keep}}}]
+    return data
+
+
+def test_prune_to_a_predicted_nano_latency(tmp_path: Path) -> None:
+    import json
+
+    from tests.conftest import run_pipeline
+
+    run_pipeline(_prune_recipe(0.9), tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "01-prune" / "metrics.json").read_text())["metrics"]
+    aim = m["aim"]
+    assert aim["target_metric"] == "latency" and aim["profile"] == "jetson-nano"
+    assert aim["predicted_ms_after"] <= 0.9 * aim["predicted_ms_before"] and 0 < aim["uniform_ratio"] < 1
+    assert m["flops_kept"] < 1
+
+
+def test_latency_target_needs_a_profile_and_says_when_it_is_out_of_reach(tmp_path: Path) -> None:
+    from edgevit.errors import EdgeVitError
+    from tests.conftest import run_pipeline
+
+    with pytest.raises(EdgeVitError, match="metric latency needs a recipe profile"):
+        run_pipeline(_prune_recipe(0.9, profile=None), tmp_path / "a")
+    with pytest.raises(EdgeVitError, match="out of reach on jetson-nano"):
+        run_pipeline(_prune_recipe(0.1), tmp_path / "b")

@@ -54,7 +54,7 @@ class PrunePass(Pass):
                 "passes.prune.allocation: global allocation ranks magnitude/taylor scores across blocks; use "
                 "method magnitude or taylor with heads/mlp ratios (osscar and targets allocate uniformly)"
             )
-        counts, aim = plan(graph, cfg)
+        counts, aim = plan(graph, cfg, ctx.profile)
         unpruned = graph.clone() if cfg.recover is not None else None
         t0 = time.perf_counter()
         log: list[dict] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edgevit.errors import EdgeVitError
 from edgevit.predict.kernels import KernelGraph, kernel_graph
 from edgevit.predict.roofline import PRECISION_BYTES, latency_ms, memory_mb
 from edgevit.profiles import DeviceProfile
@@ -88,6 +89,22 @@ def predict_onnx(path: Path, profile: DeviceProfile, precision: str | None = Non
     out["verdict"] = "deployable" if not reasons else "not deployable"
     out["reasons"] = reasons
     return out
+
+
+def predict_graph_latency(graph: Any, profile: DeviceProfile) -> float:
+    """Predicted batch-1 latency (ms) of a ModelGraph on ``profile``: exported the way the
+    export pass would for that profile, then predicted like any stage."""
+    import tempfile
+
+    from edgevit.onnx_io import export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="edgevit-predict-") as tmp:
+        path = Path(tmp) / "m.onnx"
+        export_onnx(graph, path, opset=profile.export_opset(), dynamic_batch=not profile.static_batch)
+        out = predict_onnx(path, profile)
+    if out["latency_ms"] is None:
+        raise EdgeVitError(f"predict: {out['calibration']}")
+    return float(out["latency_ms"])
 
 
 def _precision_reason(profile: DeviceProfile, precision: str) -> str:

@@ -5,7 +5,7 @@ so the search uses exact per-block slopes measured on the graph)."""
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,7 +22,8 @@ class BlockRatio(BaseModel):
 
 class Target(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    metric: Literal["flops", "params"] = "flops"
+    metric: Literal["flops", "params", "latency"] = Field(
+        "flops", description="latency: predicted batch-1 latency on the recipe's device profile")
     keep: float = Field(gt=0, le=1, description="the pruned model's cost as a fraction of the incoming model's")
     prune: Literal["both", "heads", "mlp"] = Field("both", description="which groups the uniform ratio applies to")
 
@@ -93,7 +94,49 @@ def predicted(graph: ModelGraph, counts: list[tuple[int, int]], slopes: Slopes) 
     return total
 
 
-def plan(graph: ModelGraph, cfg: PlanConfig) -> tuple[list[tuple[int, int]], dict]:
+def _latency_plan(graph: ModelGraph, cfg: PlanConfig, profile: Any) -> tuple[list[tuple[int, int]], dict]:
+    """The smallest uniform ratio whose predicted latency reaches the goal, by bisection
+    (latency falls as the ratio grows; each probe exports the pruned shape and predicts it)."""
+    from edgevit.predict.device import predict_graph_latency
+
+    t = cfg.target
+    assert t is not None
+    if profile is None or profile.roofline is None:
+        raise EdgeVitError("passes.prune.target: metric latency needs a recipe profile with a fitted latency "
+                           "model (e.g. profile: jetson-nano)")
+
+    def counts(r: float) -> list[tuple[int, int]]:
+        return counts_for(graph, cfg, r if t.prune != "mlp" else 0.0, r if t.prune != "heads" else 0.0)
+
+    def latency(r: float) -> float:
+        g = graph.clone()
+        for blk, (h, u) in zip(list(g.spec.blocks), counts(r), strict=True):
+            g.keep_heads(blk.index, range(h))
+            g.keep_mlp_units(blk.index, range(u))
+        return predict_graph_latency(g, profile)
+
+    base = predict_graph_latency(graph, profile)
+    goal = t.keep * base
+    hi = 0.999
+    floor = latency(hi)
+    if floor > goal:
+        raise EdgeVitError(
+            f"passes.prune.target: latency keep {t.keep} is out of reach on {profile.name}; pruning every block to "
+            f"its floor leaves {floor / base:.3f} of the predicted {base:.2f} ms (the rest is the kernels "
+            "pruning cannot remove)")
+    lo = 0.0
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        if latency(mid) <= goal:
+            hi = mid
+        else:
+            lo = mid
+    return counts(hi), {"target_metric": "latency", "target_keep": t.keep, "uniform_ratio": round(hi, 4),
+                        "profile": profile.name, "predicted_ms_before": round(base, 3),
+                        "predicted_ms_after": round(latency(hi), 3)}
+
+
+def plan(graph: ModelGraph, cfg: PlanConfig, profile: Any = None) -> tuple[list[tuple[int, int]], dict]:
     """Per block (heads kept, units kept), and what the plan aimed at."""
     for b in cfg.blocks or {}:
         if not 0 <= b < graph.spec.depth:
@@ -102,6 +145,8 @@ def plan(graph: ModelGraph, cfg: PlanConfig) -> tuple[list[tuple[int, int]], dic
     if cfg.target is None:
         return counts_for(graph, cfg, cfg.heads, cfg.mlp), {"heads": cfg.heads, "mlp": cfg.mlp}
     t = cfg.target
+    if t.metric == "latency":
+        return _latency_plan(graph, cfg, profile)
     slopes = _slopes(graph, t.metric)
     goal = t.keep * slopes[0]
     best = None
