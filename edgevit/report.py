@@ -164,6 +164,11 @@ def stage_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
     notes = []
     for s in report["stages"]:
         m = s.get("metrics") or {}
+        tuner = m.get("tuner") or (m.get("recover") or {}).get("tuner")
+        if tuner:
+            extra = f", {tuner['added_params']:,} added" if tuner.get("added_params") else ", none added"
+            notes.append((s["stage"], f"tuner {tuner['name']}: {tuner['trainable_params']:,} parameters "
+                                      f"trained{extra}"))
         if "student" in m:
             ratio = m.get("flops_ratio")
             vs = f"; {ratio:.3f}× the teacher's FLOPs" if ratio is not None else ""

@@ -63,6 +63,7 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
 def shrink(teacher: ModelGraph, cfg: ShrinkConfig) -> tuple[ModelGraph, str]:
     """A smaller graph derived from ``teacher`` (left untouched) and a sentence saying how."""
     g = teacher.clone()
+    g.detach_side()  # a teacher's side module (LoSA, ...) stays with the teacher; the student is a plain ViT
     depth = g.spec.depth
     if cfg.blocks is not None:
         bad = [b for b in cfg.blocks if not 0 <= b < depth]

@@ -25,6 +25,7 @@ from edgevit.errors import EdgeVitError
 from edgevit.fileio import atomic_path, read_json, write_json
 from edgevit.graph.adapters.base import Adapter, slice_linear
 from edgevit.graph.cost import CostReport, compute_cost
+from edgevit.graph.extension import SideModule, TunedModel
 from edgevit.graph.spec import GraphSpec
 from edgevit.graph.weights import apply_state_dict, read_state_dict
 
@@ -73,9 +74,36 @@ class ModelGraph:
         adapter = (registry or Registry()).adapter_for(module)
         return cls(module, adapter.describe(module, mean=mean, std=std), adapter, build)
 
+    @property
+    def backbone(self) -> nn.Module:
+        """The ViT itself: the module, or the frozen backbone under an attached side module."""
+        return self.module.backbone if isinstance(self.module, TunedModel) else self.module
+
+    @property
+    def side(self) -> SideModule | None:
+        return self.module.side if isinstance(self.module, TunedModel) else None
+
+    def attach_side(self, side: SideModule, config: dict[str, Any]) -> None:
+        """Run the model as frozen backbone + ``side`` from now on; ``config`` rebuilds the side
+        module on load (``build["side"]``)."""
+        if self.side is not None:
+            raise EdgeVitError(f"a {self.side.kind} side module is attached already; one per model")
+        self.module = TunedModel(self.module, side, self.spec)
+        self.build = {**(self.build or {}), "side": {"kind": side.kind, **config}}
+
+    def detach_side(self) -> None:
+        """Back to the plain backbone (e.g. before deriving a student with other blocks)."""
+        if isinstance(self.module, TunedModel):
+            self.module = self.module.backbone
+            self.build = {k: v for k, v in (self.build or {}).items() if k != "side"}
+
+    def _sync_side(self) -> None:
+        if isinstance(self.module, TunedModel):
+            self.module.spec = self.spec
+
     def clone(self) -> ModelGraph:
         """A deep copy, so a pass can change the model while its input stays untouched."""
-        return ModelGraph(
+        g = ModelGraph(
             copy.deepcopy(self.module),
             self.spec.model_copy(deep=True),
             self.adapter,
@@ -83,6 +111,8 @@ class ModelGraph:
             [h.model_copy(deep=True) for h in self.history],
             dict(self.artifacts),
         )
+        g._sync_side()
+        return g
 
     # structural edits -------------------------------------------------------------
     def keep_heads(self, block: int, heads: Sequence[int]) -> None:
@@ -115,6 +145,8 @@ class ModelGraph:
         """Keep only ``blocks`` (in order): the others leave the module, the construction
         recipe records the new depth, and the spec is re-read (block paths renumber)."""
         idx = _check_indices(blocks, self.spec.depth, "blocks")
+        if self.side is not None:
+            raise EdgeVitError(f"keep_blocks: a {self.side.kind} side module reads every block; detach it first")
         self.build = self.adapter.keep_blocks(self.module, self.build or {}, idx)
         old = self.spec
         spec = self.adapter.describe(self.module, mean=old.mean, std=old.std)
@@ -134,12 +166,25 @@ class ModelGraph:
 
     def reset_classifier(self, num_classes: int) -> None:
         """New classifier head(s) for a task with ``num_classes`` classes (task adaptation)."""
-        self.build = self.adapter.reset_classifier(self.module, self.build or {}, num_classes)
+        side = self.build.get("side") if self.build else None
+        build = {k: v for k, v in (self.build or {}).items() if k != "side"}
+        self.build = self.adapter.reset_classifier(self.backbone, build, num_classes)
+        if side is not None:
+            self.build["side"] = side
         self.spec.num_classes = num_classes
 
     # measurement ------------------------------------------------------------------
     def cost(self, batch: int = 1, dtype_bytes: int = 4) -> CostReport:
-        return compute_cost(self.spec, self.module, batch=batch, dtype_bytes=dtype_bytes)
+        report = compute_cost(self.spec, self.backbone, batch=batch, dtype_bytes=dtype_bytes)
+        side = self.side
+        if side is not None:
+            from edgevit.graph.cost import LayerCost
+
+            params = sum(p.numel() for p in side.parameters())
+            macs = batch * side.macs(self.spec)
+            report.layers.append(LayerCost(f"side ({side.kind})", "side", None, macs, 2 * macs, params,
+                                           params * dtype_bytes, 0, 0))
+        return report
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
@@ -150,7 +195,7 @@ class ModelGraph:
         was_training = self.module.training
         self.module.eval()
         try:
-            with self.adapter.export_mode(self.module):
+            with self.adapter.export_mode(self.backbone):
                 yield self.module
         finally:
             self.module.train(was_training)
@@ -209,8 +254,9 @@ class ModelGraph:
         if meta.get("format") != GRAPH_FORMAT:
             raise EdgeVitError(f"{where}: {meta_path} has format {meta.get('format')!r}, expected {GRAPH_FORMAT}")
         adapter = (registry or Registry()).adapter(spec.family)
-        module = adapter.build(meta["build"])
-        graph = cls(module, adapter.describe(module, mean=spec.mean, std=spec.std), adapter, meta["build"])
+        build = {k: v for k, v in meta["build"].items() if k != "side"} if meta["build"] else meta["build"]
+        module = adapter.build(build)
+        graph = cls(module, adapter.describe(module, mean=spec.mean, std=spec.std), adapter, build)
         if graph.spec.depth != spec.depth:
             raise EdgeVitError(f"{where}: {meta_path} has {spec.depth} blocks but its recipe builds {graph.spec.depth}")
         for saved, built in zip(spec.blocks, graph.spec.blocks, strict=True):
@@ -218,9 +264,15 @@ class ModelGraph:
                 graph.keep_heads(saved.index, range(saved.attn.num_heads))
             if saved.mlp.hidden != built.mlp.hidden:
                 graph.keep_mlp_units(saved.index, range(saved.mlp.hidden))
+        graph.spec = spec
+        if meta["build"] and "side" in meta["build"]:
+            from edgevit.tuners import build_side
+
+            side_cfg = dict(meta["build"]["side"])
+            graph.attach_side(build_side(side_cfg, spec), {k: v for k, v in side_cfg.items() if k != "kind"})
+            module = graph.module
         weights = (directory / meta["weights"]).resolve()
         apply_state_dict(module, read_state_dict(weights, where), str(weights), where)
-        graph.spec = spec
         graph.weights_path = weights
         graph.history = [HistoryEntry.model_validate(h) for h in meta.get("history", [])]
         graph.artifacts = {k: (directory / v).resolve() for k, v in meta.get("artifacts", {}).items()}

@@ -57,6 +57,8 @@ class BlockSpec(_Strict):
     path: str
     attn: AttentionSpec
     mlp: MlpSpec
+    norm1: str | None = None  # pre-attention LayerNorm (pre-norm blocks)
+    norm2: str | None = None  # pre-MLP LayerNorm
 
 
 class GraphSpec(_Strict):

@@ -13,7 +13,9 @@ from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
 from edgevit.models.sources import LoadedTeacher, ModelSource, load_model, load_teacher
 from edgevit.passes.base import Pass, PassConfig
-from edgevit.training.loop import TrainConfig, train
+from edgevit.training.loop import TrainConfig
+from edgevit.training.tuned import train_tuned
+from edgevit.tuners import FullConfig, TunerConfig
 
 
 class StudentConfig(BaseModel):
@@ -36,6 +38,9 @@ class DistillConfig(PassConfig, TrainConfig, LossConfig):
         None, description="default: the run's teacher (the latest adapt output, else the input model)")
     teacher_img_size: tuple[int, int] | None = Field(
         None, description="input size of a non-ViT teacher (default: the data's size)")
+    tuner: TunerConfig = Field(
+        default_factory=FullConfig, description="which student parameters train: full | slicefine | losa | "
+        "disentangled (losa/disentangled freeze the student's blocks: logit KD only)")
 
 
 class DistillPass(Pass):
@@ -55,20 +60,26 @@ class DistillPass(Pass):
         ctx.console.print(f"  student: {how}")
         t_spec = teacher.graph.spec if teacher.graph is not None else None
         size = t_spec.img_size if t_spec is not None else (cfg.teacher_img_size or graph.spec.img_size)
-        objective = DistillObjective(
-            cfg, student.module, student.spec, teacher.module, t_spec,
-            teacher_input(graph.spec, teacher.mean, teacher.std, size),
-            label_smoothing=cfg.label_smoothing, where="passes.distill",
-        )
-        try:
-            self.metrics = train(student.module, objective, cfg, ctx, ctx.stage_dir, description="distill")
-        finally:
-            objective.close()
+        losses = cfg
+        if cfg.tuner.name in ("losa", "disentangled") and (cfg.feature or cfg.mgd):
+            ctx.console.print(f"  tuner {cfg.tuner.name} freezes the student's blocks, so feature mimicking and MGD "
+                              "are off; distilling logits only")
+            losses = cfg.model_copy(update={"feature": 0.0, "mgd": 0.0})
+        layers: dict[str, dict[int, int]] = {}
+
+        def objective(g: ModelGraph) -> DistillObjective:
+            o = DistillObjective(losses, g.module, g.spec, teacher.module, t_spec,
+                                 teacher_input(graph.spec, teacher.mean, teacher.std, size),
+                                 label_smoothing=cfg.label_smoothing, where="passes.distill")
+            layers.update(feature=o.feature_layers, mgd=o.mgd_layers)
+            return o
+
+        self.metrics = train_tuned(student, objective, cfg, cfg.tuner, ctx, "distill")
         t_cost, s_cost = (teacher.graph.cost() if teacher.graph else None), student.cost()
         self.metrics.update({
             "student": how,
-            "feature_layers": objective.feature_layers,
-            "mgd_layers": objective.mgd_layers,
+            "feature_layers": layers.get("feature", {}),
+            "mgd_layers": layers.get("mgd", {}),
             "student_params": student.num_params(),
             "teacher_params": sum(p.numel() for p in teacher.module.parameters()),
             "student_flops": s_cost.flops,

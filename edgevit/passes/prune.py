@@ -22,7 +22,9 @@ from edgevit.passes.base import Pass, PassConfig
 from edgevit.prune.importance import magnitude_scores, taylor_scores
 from edgevit.prune.plan import PlanConfig, global_counts, plan
 from edgevit.prune.reconstruct import osscar_model
-from edgevit.training.loop import TrainConfig, train
+from edgevit.training.loop import TrainConfig
+from edgevit.training.tuned import train_tuned
+from edgevit.tuners import FullConfig, TunerConfig
 
 
 class RecoverConfig(TrainConfig, LossConfig):
@@ -30,6 +32,8 @@ class RecoverConfig(TrainConfig, LossConfig):
 
     feature: float = Field(0.0, ge=0)
     mgd: float = Field(0.0, ge=0)
+    tuner: TunerConfig = Field(
+        default_factory=FullConfig, description="which parameters recover: full | slicefine | losa | disentangled")
 
 
 class PruneConfig(PassConfig, PlanConfig):
@@ -92,12 +96,12 @@ class PrunePass(Pass):
         if cfg.recover is not None:
             assert unpruned is not None
             r = cfg.recover
-            objective = DistillObjective(r, graph.module, graph.spec, unpruned.module.to(ctx.device), unpruned.spec,
-                                         teacher_input(graph.spec, None, None, None), r.label_smoothing,
-                                         where="passes.prune.recover")
-            try:
-                self.metrics["recover"] = train(graph.module, objective, r, ctx, ctx.stage_dir, description="recover")
-            finally:
-                objective.close()
+
+            def objective(g: ModelGraph) -> DistillObjective:
+                return DistillObjective(r, g.module, g.spec, unpruned.module.to(ctx.device), unpruned.spec,
+                                        teacher_input(g.spec, None, None, None), r.label_smoothing,
+                                        where="passes.prune.recover")
+
+            self.metrics["recover"] = train_tuned(graph, objective, r, r.tuner, ctx, "recover")
             graph.module.cpu().eval()
         return graph

@@ -104,6 +104,7 @@ def train(
     work_dir: Path,
     trainable: list[tuple[str, nn.Parameter]] | None = None,
     description: str = "train",
+    hooks: Any = None,
 ) -> dict[str, Any]:
     """Train in place; return metrics (per-epoch log, final val top-1, seconds).
 
@@ -140,6 +141,8 @@ def train(
         start_epoch, log, seconds = state["epoch"] + 1, state["log"], state["seconds"]
         ctx.console.print(f"  resuming {description} after epoch {start_epoch} of {cfg.epochs}")
 
+    if hooks is not None:  # a tuner's per-step schedule (SliceFine moves its slices)
+        hooks.start(start_epoch * steps_per_epoch)
     val_loader = ctx.data.val_loader(rank=env.rank, world=env.world)
     with ctx.progress() as progress:
         task = progress.add_task(description, total=cfg.epochs * steps_per_epoch,
@@ -163,6 +166,8 @@ def train(
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                if hooks is not None:
+                    hooks.after_step(epoch * steps_per_epoch + n, optimizer)
                 n += 1
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v

@@ -37,6 +37,8 @@ class BuiltinViTAdapter(Adapter):
                         num_heads=blk.attn.num_heads,
                         head_dim=blk.attn.head_dim,
                     ),
+                    norm1=f"{p}.norm1",
+                    norm2=f"{p}.norm2",
                     mlp=MlpSpec(
                         path=f"{p}.mlp", fc1=f"{p}.mlp.fc1", fc2=f"{p}.mlp.fc2", hidden=blk.mlp.fc1.out_features
                     ),

@@ -94,7 +94,8 @@ class HFViTAdapter(Adapter):
                     fc2=f"{p}.output.dense",
                     hidden=layer.intermediate.dense.out_features,
                 )
-            blocks.append(BlockSpec(index=i, path=p, attn=attn, mlp=mlp))
+            blocks.append(BlockSpec(index=i, path=p, attn=attn, mlp=mlp, norm1=f"{p}.layernorm_before",
+                                    norm2=f"{p}.layernorm_after"))
         img = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else (cfg.image_size,) * 2
         patch = cfg.patch_size if isinstance(cfg.patch_size, (list, tuple)) else (cfg.patch_size,) * 2
         return GraphSpec(

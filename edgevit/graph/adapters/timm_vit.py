@@ -71,6 +71,8 @@ class TimmViTAdapter(Adapter):
                         num_heads=attn.num_heads,
                         head_dim=attn.head_dim,
                     ),
+                    norm1=f"{p}.norm1",
+                    norm2=f"{p}.norm2",
                     mlp=MlpSpec(
                         path=f"{p}.mlp", fc1=f"{p}.mlp.fc1", fc2=f"{p}.mlp.fc2", hidden=mlp.fc1.out_features
                     ),

@@ -1,0 +1,47 @@
+"""What a tuner is: it decides which parameters train and which extra modules exist; the
+training loop stays one (``edgevit.training.loop.train``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from edgevit.graph import ModelGraph
+
+
+class Tuner:
+    """``setup`` prepares the graph and returns the parameters to train; ``start``/``after_step``
+    run inside the loop (SliceFine moves its slices there); ``finish`` leaves the graph in its
+    final, exportable form; ``summary`` is what the report says about the tuner."""
+
+    name = ""
+
+    def setup(self, graph: ModelGraph) -> list[tuple[str, nn.Parameter]]:
+        raise NotImplementedError
+
+    def start(self, step: int) -> None:
+        """Called once before the first step the loop runs (``step`` > 0 after a resume)."""
+
+    def after_step(self, step: int, optimizer: Any) -> None:
+        """Called after optimizer step ``step`` (0-based, counted over the whole run)."""
+
+    def finish(self, graph: ModelGraph) -> None:
+        """Undo training-only state; the graph then saves and exports as the tuned model."""
+
+    def summary(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def count(params: list[tuple[str, nn.Parameter]]) -> int:
+    return sum(p.numel() for _, p in params)
+
+
+def freeze_all(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def unfreeze_all(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(True)
