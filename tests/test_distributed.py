@@ -14,11 +14,14 @@ from tests.conftest import tiny_recipe_data
 
 
 def test_torchrun_two_processes_stay_in_sync(tmp_path: Path) -> None:
+    """Adapt with SliceFine, distill with feature losses, prune + recovery with LoSA."""
     data = tiny_recipe_data(passes=[
-        {"adapt": {"epochs": 2, "lr": 0.003, "warmup_epochs": 0}},
+        {"adapt": {"epochs": 2, "lr": 0.003, "warmup_epochs": 0,  # alternating slices: DDP sees unused params
+                   "tuner": {"name": "slicefine", "rank": 2, "axis": "alternate", "switch_every": 3}}},
         {"distill": {"epochs": 2, "lr": 0.003, "warmup_epochs": 0, "mgd": 1e-3,
                      "student": {"shrink": {"depth": 1, "num_heads": 1}}}},
-        {"prune": {"method": "osscar", "mlp": 0.5, "recover": {"epochs": 1, "lr": 0.001, "warmup_epochs": 0}}},
+        {"prune": {"method": "osscar", "mlp": 0.5, "recover": {"epochs": 1, "lr": 0.001, "warmup_epochs": 0,
+                                                               "tuner": {"name": "losa", "rank": 4}}}},
         {"export": {"opset": 13, "parity_samples": 16}},
     ])
     recipe = tmp_path / "recipe.yaml"

@@ -118,7 +118,8 @@ def train(
     if env.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=getattr(hooks, "unused_parameters", False))
     params = trainable if trainable is not None else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = params + [(f"objective.{n}", p) for n, p in extra.named_parameters()]
     optimizer = torch.optim.AdamW(_param_groups(params, cfg.weight_decay), lr=cfg.lr)

@@ -92,6 +92,11 @@ class SliceFineTuner(Tuner):
         self.trainable = 0
         self.switches = 0
 
+    @property
+    def unused_parameters(self) -> bool:
+        """With alternating axes the inactive slice's values get no gradient (DDP must know)."""
+        return self.cfg.axis == "alternate"
+
     def _axes(self) -> list[int]:
         return {"columns": [1], "rows": [0], "alternate": [1, 0]}[self.cfg.axis]
 
