@@ -160,6 +160,9 @@ class Pipeline:
         p = step.cls(step.config)
         if not env.is_main and not getattr(step.cls, "distributed", False):
             return None, 0.0  # rank 0 alone runs passes that do not train
+        if p.modifies_weights:  # an ONNX (or bundle) of the old weights no longer describes this model
+            graph.artifacts.pop("onnx", None)
+            graph.artifacts.pop("bundle", None)
         out = p.run(graph, ctx.for_stage(partial, records))
         seconds = time.perf_counter() - t0
         if not env.is_main:
@@ -195,7 +198,9 @@ class Pipeline:
         write_json(directory / "metrics.json", {
             "pass": name, "config": config, "seconds": round(seconds, 2), "metrics": metrics,
             "model": {"params": graph.num_params(), "macs": cost.macs, "flops": cost.flops,
-                      "param_bytes": cost.param_bytes, "peak_activation_bytes": cost.peak_activation_bytes},
+                      "param_bytes": cost.param_bytes, "peak_activation_bytes": cost.peak_activation_bytes,
+                      "layers": [{"name": x.name, "kind": x.kind, "block": x.block, "flops": x.flops}
+                                 for x in cost.layers]},
         })
 
     def _teacher(self, records: list[StageRecord]) -> ModelGraph:

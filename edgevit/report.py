@@ -35,6 +35,7 @@ def _stage_entry(run_dir: Path, st: dict[str, Any], measured: dict[str, Any]) ->
         "model_mem_mb": m.get("model_mem_mb"),
         "seconds": st.get("seconds"),
         "predicted": m.get("predicted"),  # the recipe's device profile, from the benchmark pass
+        "layers": model.get("layers"),
         "metrics": metrics.get("metrics", {}),
     }
 
@@ -54,9 +55,29 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     stages = [_stage_entry(run_dir, st, measured) for st in manifest["stages"] if st["name"] != "benchmark"]
     devices = _attach_device_measurements(run_dir, stages)
     report = {"run": manifest["recipe"], "host": host, "stages": stages, "devices": devices}
+    report["plots"] = _plots(run_dir, report)
     write_json(run_dir / "report.json", report)
     write_text(run_dir / "report.md", render_markdown(report))
+    from edgevit.report_html import render_html
+
+    write_text(run_dir / "report.html", render_html(report, run_dir))
     return report
+
+
+def _plots(run_dir: Path, report: dict[str, Any]) -> dict[str, str]:
+    """PNG files under ``run_dir/plots``, by name, relative to the run dir."""
+    from edgevit.report_plots import accuracy_latency, layer_costs
+
+    out: dict[str, str] = {}
+    if accuracy_latency(report, run_dir / "plots" / "accuracy_latency.png"):
+        out["accuracy_latency"] = "plots/accuracy_latency.png"
+    stages = report["stages"]
+    for before, after in zip(stages, stages[1:], strict=False):
+        if after["name"] == "prune" and before.get("layers") and after.get("layers"):
+            name = f"layers_{after['stage']}"
+            if layer_costs(before, after, run_dir / "plots" / f"{name}.png"):
+                out[name] = f"plots/{name}.png"
+    return out
 
 
 def read_measured(path: Path) -> dict[str, Any]:
@@ -132,6 +153,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     notes = stage_notes(report)
     if notes:
         out += ["", "## Stages", ""] + [f"- **{stage}**: {note}" for stage, note in notes]
+    for name, path in (report.get("plots") or {}).items():
+        out += ["", f"![{name}]({path})"]
     return "\n".join(out) + "\n"
 
 
@@ -142,7 +165,7 @@ def prediction_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     measured = any(s.get("measured_on_device") for s in report["stages"])
     head = ["stage", "precision", "pred ms", "pred MB", "verdict"]
     if measured:
-        head += ["device ms (p50)", "error %", "device top-1 %", "device RAM MB"]
+        head += ["device ms (p50)", "error %", "device top-1 %", "device RAM MB"]  # ms: copies included
     rows = []
     for s in report["stages"]:
         p = s.get("predicted")
@@ -152,7 +175,8 @@ def prediction_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]
                p["verdict"]]
         if measured:
             m = (s.get("measured_on_device") or [{}])[-1]
-            got = (m.get("latency_ms") or {}).get("median")
+            # the fit's published figures include host<->device copies, so compare like with like
+            got = (m.get("latency_with_copies_ms") or m.get("latency_ms") or {}).get("median")
             err = (100 * (p["latency_ms"] - got) / got) if got and p.get("latency_ms") is not None else None
             row += [fmt(got, ".2f"), fmt(err, "+.1f"), fmt(m.get("top1"), ".2f"), fmt(m.get("peak_mem_mb"), ".0f")]
         rows.append(row)

@@ -153,3 +153,12 @@ def test_tensorrt_engine_matches_onnxruntime(nano_run, tmp_path: Path) -> None:
     p = parity(engine, onnx_path, x)
     assert p["top1_agreement"] >= 0.95 and p["max_abs_diff"] < 0.1
     assert (tmp_path / "timing.cache").stat().st_size > 0
+
+
+def test_bundle_refuses_int8_without_qdq_nodes(tmp_path: Path) -> None:
+    from edgevit.errors import EdgeVitError
+
+    data = _nano_recipe(precision="int8")
+    data["profile"] = "host"  # INT8 is supported here, but the float ONNX has no Q/DQ to build it from
+    with pytest.raises(EdgeVitError, match="needs a model with Q/DQ nodes"):
+        run_pipeline(data, tmp_path / "run")

@@ -35,7 +35,7 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, objec
 
 def test_compress_writes_stages_and_report(cli_run) -> None:
     _, out, res = cli_run
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == STAGES
+    assert sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "plots") == STAGES
     for stage in STAGES:
         assert (out / stage / "graph.json").is_file() and (out / stage / "metrics.json").is_file()
     assert (out / "01-adapt" / "model.safetensors").is_file()
@@ -60,11 +60,14 @@ def test_compress_writes_stages_and_report(cli_run) -> None:
 
 def test_rerun_skips_finished_stages(cli_run) -> None:
     recipe, out, _ = cli_run
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent != out}
+    def stages(p: Path) -> bool:  # the report (report.*, plots/) is rebuilt on every run; stages are not
+        return p.is_file() and p.parent != out and p.parent.name != "plots"
+
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if stages(p)}
     res = run_cli("compress", str(recipe), "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert res.stderr.count("reused") == 4
-    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent != out}
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if stages(p)}
     assert before == after
 
 
@@ -168,3 +171,15 @@ def test_embedded_demo_runs_end_to_end(tmp_path: Path) -> None:
         p = rows[stage]["predicted"]
         assert p["profile"] == "jetson-nano" and p["latency_ms"] > 0 and p["memory_mb"] > 0 and p["verdict"]
     assert rows["02-distill"]["predicted"]["latency_ms"] < rows["01-adapt"]["predicted"]["latency_ms"]
+
+
+def test_a_stage_that_changes_weights_drops_the_old_onnx(tmp_path: Path) -> None:
+    """export → prune: the pruned stage must not point at the unpruned ONNX (benchmark and bundle
+    would measure or ship the old model under the new stage's name)."""
+    from tests.conftest import run_pipeline, tiny_recipe_data
+
+    data = tiny_recipe_data()
+    data["passes"] = [{"export": {"opset": 13, "parity_samples": 8}}, {"prune": {"method": "magnitude", "mlp": 0.5}}]
+    run_pipeline(data, tmp_path / "run")
+    assert "onnx" in json.loads((tmp_path / "run" / "01-export" / "graph.json").read_text())["artifacts"]
+    assert "onnx" not in json.loads((tmp_path / "run" / "02-prune" / "graph.json").read_text())["artifacts"]

@@ -29,7 +29,8 @@ def report(
         data = read_measured(path)
         device = (data.get("device") or {}).get("model") or "device"
         stem = "".join(c if c.isalnum() else "-" for c in device).strip("-").lower() or "device"
-        write_json(run / "measured" / f"{stem}-{path.stem}.json", data)
+        stages = "-".join(str(s["stage"]) for s in data["stages"]) or "stages"
+        write_json(run / "measured" / f"{stem}-{stages}-{path.stem}.json", data)
     print_report(build_report(run), run)
 
 

@@ -36,7 +36,9 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16", wo
     if precision == "int8" and not has_qdq:
         if calib_images is None or calib_cache is None:
             raise EdgeVitError("tensorrt: INT8 without Q/DQ nodes needs calibration images and a cache path")
-        calibrator = entropy_calibrator(calib_images, calib_cache, batch_size=min(8, len(calib_images)))
+        batch = min(8, len(calib_images))
+        calibrator = entropy_calibrator(calib_images, calib_cache, batch_size=batch)
+        shape = [batch, *shape[1:]]  # the calibration profile must take whole calibrator batches
     try:
         blob = jetson.build_engine(trt, str(onnx_path), precision, shape, workspace_mb,
                                    timing_cache=str(timing_cache) if timing_cache else None,
@@ -56,7 +58,7 @@ def run_engine(engine_path: Path, images: np.ndarray) -> np.ndarray:
     if engine is None:
         raise EdgeVitError(f"tensorrt: {engine_path} does not deserialize here (built by another GPU or "
                            "TensorRT version?); rebuild it on this machine")
-    runner = jetson.Runner(trt, cuda, engine, [1, *images.shape[1:]])
+    runner = jetson.Runner(trt, cuda, engine).bind([1, *images.shape[1:]])
     return np.concatenate([runner(images[i:i + 1]) for i in range(len(images))])
 
 

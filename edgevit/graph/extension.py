@@ -31,6 +31,11 @@ class SideModule(nn.Module):
     """Base of side modules: built from (config, spec), reads BlockFeatures, returns logits."""
 
     kind: str = ""
+    needs_projections = False  # True: the block's q/k/v projection outputs are read (kept alive)
+
+    def reads(self, spec: GraphSpec) -> list[int]:
+        """The blocks whose features this module reads (the others are not kept)."""
+        return [b.index for b in spec.blocks]
 
     def forward(self, feats: list[BlockFeatures], spec: GraphSpec, backbone: nn.Module) -> torch.Tensor:
         raise NotImplementedError
@@ -53,16 +58,26 @@ class TunedModel(nn.Module):
             return super().get_submodule(target)
         return self.backbone.get_submodule(target)
 
+    def train(self, mode: bool = True) -> TunedModel:
+        """The frozen backbone always computes in eval mode (no dropout or drop-path on features)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         feats = [BlockFeatures() for _ in self.spec.blocks]
         handles = []
+        wanted = set(self.side.reads(self.spec))
         for f, blk in zip(feats, self.spec.blocks, strict=True):
+            if blk.index not in wanted:
+                continue
             mod = self.backbone.get_submodule(blk.path)
             handles.append(mod.register_forward_pre_hook(_pre(f)))
             handles.append(mod.register_forward_hook(_post(f)))
-            for path in blk.attn.input_projections():
-                lin = self.backbone.get_submodule(path)
-                handles.append(lin.register_forward_hook(_proj(f, path)))
+            if self.side.needs_projections:
+                for path in blk.attn.input_projections():
+                    lin = self.backbone.get_submodule(path)
+                    handles.append(lin.register_forward_hook(_proj(f, path)))
         try:
             with torch.no_grad():
                 self.backbone(images)

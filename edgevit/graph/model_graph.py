@@ -166,11 +166,10 @@ class ModelGraph:
 
     def reset_classifier(self, num_classes: int) -> None:
         """New classifier head(s) for a task with ``num_classes`` classes (task adaptation)."""
-        side = self.build.get("side") if self.build else None
-        build = {k: v for k, v in (self.build or {}).items() if k != "side"}
-        self.build = self.adapter.reset_classifier(self.backbone, build, num_classes)
-        if side is not None:
-            self.build["side"] = side
+        if self.side is not None:
+            raise EdgeVitError(f"a new class count for a model with a {self.side.kind} side module: its head "
+                               "belongs to the side module; adapt the plain model to the new classes first")
+        self.build = self.adapter.reset_classifier(self.module, self.build or {}, num_classes)
         self.spec.num_classes = num_classes
 
     # measurement ------------------------------------------------------------------

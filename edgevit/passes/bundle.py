@@ -49,6 +49,9 @@ class BundlePass(Pass):
         if p is not None and not p.supports(precision):
             raise EdgeVitError(f"passes.bundle.precision: {p.name} has no {precision} kernels (it runs "
                                f"{', '.join(p.precisions)}); use precision: {p.deploy_precision()}")
+        if precision == "int8" and own != "int8":
+            raise EdgeVitError("passes.bundle.precision: int8 on the board needs a model with Q/DQ nodes; put a "
+                               "quantize pass with precision: int8 (layout: tensorrt) before bundle")
         x, y = ctx.data.sample(cfg.validation_samples, ctx.seed, "val")
         prep = ctx.data.prep or {}
         h, w = graph.spec.img_size

@@ -53,6 +53,9 @@ class PrunePass(Pass):
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
         cfg: PruneConfig = self.config  # type: ignore[assignment]
         before = graph.cost()
+        if graph.side is not None and cfg.method == "taylor":
+            raise EdgeVitError(f"passes.prune.method: taylor needs gradients through the blocks, which this model's "
+                               f"{graph.side.kind} side module keeps frozen; use method osscar or magnitude")
         if cfg.allocation == "global" and (cfg.method == "osscar" or cfg.target is not None or cfg.blocks):
             raise EdgeVitError(
                 "passes.prune.allocation: global allocation ranks magnitude/taylor scores across blocks; use "

@@ -179,7 +179,9 @@ def kernel_graph(path: Path | str, elem_bytes: int = 2, model: Any = None) -> Ke
             continue
         ins = [resolve(i) for i in node.input if i]
         acts = [i for i in ins if i not in const_like and i in tensors and _is_float(tensors[i][1])]
-        weights = [i for i in node.input if i and i in const_like and i in init_arrays]
+        # constant inputs: initializers, and constants computed from them (e.g. DequantizeLinear of
+        # INT8 weights), counted at the engine's element size
+        weights = [i for i in node.input if i and i in const_like and i in tensors]
         out_elems = sum(int(np.prod(tensors[o][0])) for o in node.output if o in tensors)
         k_idx = None
         if node.op_type in POINTWISE_OPS:
@@ -201,7 +203,7 @@ def kernel_graph(path: Path | str, elem_bytes: int = 2, model: Any = None) -> Ke
         k.flops += flops
         new = {t for t in (*weights, *acts) if t not in internal[k_idx] and t not in read[k_idx]}
         read[k_idx] |= new
-        wb = sum(nbytes(w) for w in new if w in init_arrays)
+        wb = sum(nbytes(w) for w in new if w in const_like)
         k.weight_bytes += wb
         k.bytes += sum(nbytes(t) for t in new)
         for o in node.output:
@@ -221,8 +223,7 @@ def kernel_graph(path: Path | str, elem_bytes: int = 2, model: Any = None) -> Ke
         if t in owner:
             kernels[owner[t]].bytes += nbytes(t)
 
-    weight_bytes = sum(nbytes(n) for n in init_arrays)
-    kg = KernelGraph(kernels=kernels, weight_bytes=weight_bytes, elem_bytes=elem_bytes,
+    kg = KernelGraph(kernels=kernels, weight_bytes=sum(k.weight_bytes for k in kernels), elem_bytes=elem_bytes,
                      peak_activation_bytes=_peak_live(nodes, free, resolve, nbytes, const_like, graph_outputs),
                      opset=max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
                      op_types=dict(sorted(Counter(n.op_type for n in nodes).items())))
@@ -238,7 +239,10 @@ def _classify(node: Any, tensors: dict[str, tuple[tuple[int, ...], np.dtype]], o
     if op in ("Conv", "ConvTranspose") and node.input[1] in tensors:
         w = tensors[node.input[1]][0]
         group = _attr(node, "group", 1)
-        macs = out_elems * int(np.prod(w[1:]))
+        in_elems = int(np.prod(tensors[node.input[0]][0])) if node.input[0] in tensors else 0
+        # Conv weights are [C_out, C_in/g, kh, kw] (MACs per output element); ConvTranspose weights
+        # are [C_in, C_out/g, kh, kw] (MACs per input element)
+        macs = (in_elems if op == "ConvTranspose" else out_elems) * int(np.prod(w[1:]))
         in_ch = tensors[node.input[0]][0][1] if node.input[0] in tensors else 0
         return ("dwconv" if group > 1 and group == in_ch else "conv"), 2 * macs
     if op in ("MatMul", "Gemm") and node.input[0] in tensors:

@@ -110,6 +110,7 @@ def _extract(p: torch.Tensor, blk: BlockSpec, f: BlockFeatures, backbone: nn.Mod
 
 class QueryExtraction(SideModule):
     kind = "disentangled"
+    needs_projections = True  # the image tokens' keys and values, per block
 
     def __init__(self, spec: GraphSpec, num_classes: int, cfg: DisentangledConfig) -> None:
         super().__init__()

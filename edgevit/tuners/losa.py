@@ -74,8 +74,8 @@ class SideNetwork(SideModule):
         super().__init__()
         d, n = spec.embed_dim, spec.num_tokens
         self.config = {"num_classes": num_classes, "rank": rank, "token_rank": token_rank, "every": every}
-        self.reads = [i for i in range(spec.depth) if (i + 1) % every == 0 or i == spec.depth - 1]
-        self.mixers = nn.ModuleList(_Mixer(d, n, rank, token_rank) for _ in self.reads)
+        self.reads_ = [i for i in range(spec.depth) if (i + 1) % every == 0 or i == spec.depth - 1]
+        self.mixers = nn.ModuleList(_Mixer(d, n, rank, token_rank) for _ in self.reads_)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, num_classes)
         self.pool = spec.pool
@@ -88,7 +88,7 @@ class SideNetwork(SideModule):
     def forward(self, feats: list[BlockFeatures], spec: GraphSpec, backbone: nn.Module) -> torch.Tensor:
         a = None
         z = None
-        for i, mixer in zip(self.reads, self.mixers, strict=True):
+        for i, mixer in zip(self.reads_, self.mixers, strict=True):
             z = feats[i].output
             assert z is not None
             u = z if a is None else z + a
@@ -98,6 +98,9 @@ class SideNetwork(SideModule):
         x = z + a
         pooled = x[:, 0] if self.pool == "token" else x[:, self.prefix:].mean(dim=1)
         return self.head(self.norm(pooled))
+
+    def reads(self, spec: GraphSpec) -> list[int]:
+        return list(self.reads_)
 
     def macs(self, spec: GraphSpec) -> int:
         d, n = spec.embed_dim, spec.num_tokens

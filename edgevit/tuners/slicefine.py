@@ -147,6 +147,7 @@ class SliceFineTuner(Tuner):
     def start(self, step: int) -> None:
         """Position every slice for ``step`` (a resumed run's checkpoint already holds the values)."""
         k = step // self.cfg.switch_every
+        self.switches = k  # a resumed run has already moved its slices k times
         for i, (_, lin, sl) in enumerate(self.slices):
             sl.axis, sl.start = self._position(i, lin, k)
             if step == 0:

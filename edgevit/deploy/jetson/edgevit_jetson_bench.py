@@ -116,7 +116,11 @@ def device_info(trt_version):
 
 
 def load_bundle(directory):
-    with open(os.path.join(directory, "bundle.json")) as f:
+    path = os.path.join(directory, "bundle.json")
+    if not os.path.isfile(path):
+        raise SystemExit("error: {} has no bundle.json; pass the bundle directory edgevit wrote "
+                         "(runs/<name>/NN-bundle/bundle)".format(directory))
+    with open(path) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT_IN:
         raise SystemExit("error: {} is not an edgevit bundle (format {!r})".format(directory, meta.get("format")))
@@ -148,7 +152,9 @@ def build_engine(trt, onnx_path, precision, shape, workspace_mb, timing_cache=No
         config.max_workspace_size = workspace_mb << 20
     if precision in ("fp16", "int8") and getattr(builder, "platform_has_fast_fp16", True):
         config.set_flag(trt.BuilderFlag.FP16)
-        keep_norms_fp32(trt, network, config)
+        if not keep_norms_fp32(trt, network, config):
+            print("warning: no LayerNorm layers found to keep in FP32 (no 'norm' in any layer name); "
+                  "FP16 LayerNorm can overflow", file=sys.stderr)
     if precision == "int8":
         config.set_flag(trt.BuilderFlag.INT8)
         if calibrator is not None:
@@ -183,6 +189,8 @@ def keep_norms_fp32(trt, network, config):
     """Run decomposed LayerNorm (ReduceMean, Sub, Pow, Sqrt, Div under a ``norm`` scope) in FP32:
     its sum of squares overflows FP16 on real activations. Returns how many layers were pinned."""
     kinds = {trt.LayerType.REDUCE, trt.LayerType.ELEMENTWISE, trt.LayerType.UNARY}
+    if hasattr(trt.LayerType, "NORMALIZATION"):  # TensorRT >= 8.6 imports LayerNormalization whole
+        kinds.add(trt.LayerType.NORMALIZATION)
     pinned = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
@@ -197,38 +205,56 @@ def keep_norms_fp32(trt, network, config):
 
 
 class Runner:
-    """One execution context with pinned host buffers and device buffers for a batch size.
+    """One execution context with pinned host buffers and device buffers, reshaped per batch.
 
-    TensorRT 10 removed bindings: it addresses tensors by name (``set_tensor_address`` and
-    ``execute_async_v3``); 8.x uses binding indices and ``execute_async_v2``."""
+    TensorRT 10 removed bindings: it addresses tensors by name (``set_input_shape``,
+    ``set_tensor_address``, ``execute_async_v3``); 8.x uses binding indices
+    (``set_binding_shape``, ``execute_async_v2``). One context serves every batch size, since a
+    second context cannot take the engine's only optimisation profile on 8.x."""
 
-    def __init__(self, trt, cuda, engine, shape):
+    def __init__(self, trt, cuda, engine):
         self.cuda = cuda
+        self.engine = engine
         self.context = engine.create_execution_context()
+        if self.context is None:
+            raise SystemExit("error: TensorRT could not create an execution context (out of GPU memory?)")
         self.v3 = hasattr(engine, "num_io_tensors")
         if self.v3:
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-            ins = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-            outs = [n for n in names if n not in ins]
-            self.context.set_input_shape(ins[0], tuple(shape))
-            out_shape = tuple(self.context.get_tensor_shape(outs[0]))
-        else:
-            self.context.set_binding_shape(0, tuple(shape))
-            out_shape = tuple(self.context.get_binding_shape(1))
-        self.h_in = cuda.pagelocked_empty(tuple(shape), dtype=np.float32)
-        self.h_out = cuda.pagelocked_empty(out_shape, dtype=np.float32)
-        self.d_in = cuda.mem_alloc(self.h_in.nbytes)
-        self.d_out = cuda.mem_alloc(self.h_out.nbytes)
+            self.ins = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+            self.outs = [n for n in names if n not in self.ins]
         self.stream = cuda.Stream()
+        self.shape = None
+
+    def engine_batch(self):
+        """The engine's fixed batch size, or None when the batch axis is dynamic."""
+        dims = self.engine.get_tensor_shape(self.ins[0]) if self.v3 else self.engine.get_binding_shape(0)
+        return None if dims[0] < 0 else int(dims[0])
+
+    def bind(self, shape):
+        """Set the input shape and (re)allocate buffers for it."""
+        shape = tuple(shape)
+        ok = self.context.set_input_shape(self.ins[0], shape) if self.v3 else self.context.set_binding_shape(0, shape)
+        if ok is False:
+            raise SystemExit("error: the engine does not accept input shape {}".format(shape))
+        out_shape = tuple(self.context.get_tensor_shape(self.outs[0]) if self.v3 else self.context.get_binding_shape(1))
+        self.h_in = self.cuda.pagelocked_empty(shape, dtype=np.float32)
+        self.h_out = self.cuda.pagelocked_empty(out_shape, dtype=np.float32)
+        self.d_in = self.cuda.mem_alloc(self.h_in.nbytes)
+        self.d_out = self.cuda.mem_alloc(self.h_out.nbytes)
         if self.v3:
-            self.context.set_tensor_address(ins[0], int(self.d_in))
-            self.context.set_tensor_address(outs[0], int(self.d_out))
+            self.context.set_tensor_address(self.ins[0], int(self.d_in))
+            self.context.set_tensor_address(self.outs[0], int(self.d_out))
+        self.shape = shape
+        return self
 
     def _enqueue(self):
         if self.v3:
-            self.context.execute_async_v3(self.stream.handle)
+            ok = self.context.execute_async_v3(self.stream.handle)
         else:
-            self.context.execute_async_v2([int(self.d_in), int(self.d_out)], self.stream.handle)
+            ok = self.context.execute_async_v2([int(self.d_in), int(self.d_out)], self.stream.handle)
+        if ok is False:
+            raise SystemExit("error: TensorRT failed to run the engine at input shape {}".format(self.shape))
 
     def __call__(self, x):
         np.copyto(self.h_in, x)
@@ -247,6 +273,22 @@ class Runner:
         end.synchronize()
         return start.time_till(end)
 
+    def time_with_copies_ms(self, x):
+        """One inference timed on the host, copies in and out included (what an application sees)."""
+        t0 = time.perf_counter()
+        self(x)
+        return (time.perf_counter() - t0) * 1000.0
+
+
+def sha256_file(path):
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Measure an edgevit deploy bundle on a Jetson.")
@@ -263,39 +305,51 @@ def main(argv=None):
     import tensorrt as trt
 
     shape = [1] + list(meta["input"]["shape"][1:])
-    engine_path = os.path.join(args.bundle, "model.{}.trt{}.engine".format(meta["precision"], trt.__version__))
+    model_path = os.path.join(args.bundle, meta["model"])
+    # the engine's name carries the model's hash: a new bundle copied over an old one rebuilds
+    engine_path = os.path.join(args.bundle, "model.{}.{}.trt{}.engine".format(
+        sha256_file(model_path)[:12], meta["precision"], trt.__version__))
     if not os.path.isfile(engine_path):
-        blob = build_engine(trt, os.path.join(args.bundle, meta["model"]), meta["precision"], shape,
-                            meta.get("workspace_mb", 512), timing_cache=os.path.join(args.bundle, "timing.cache"),
-                            max_batch=args.throughput_batch)
+        blob = build_engine(trt, model_path, meta["precision"], shape, meta.get("workspace_mb", 512),
+                            timing_cache=os.path.join(args.bundle, "timing.cache"), max_batch=args.throughput_batch)
         with open(engine_path + ".tmp", "wb") as f:
             f.write(blob)
         os.replace(engine_path + ".tmp", engine_path)
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     with open(engine_path, "rb") as f:
         engine = runtime.deserialize_cuda_engine(f.read())
+    if engine is None:
+        raise SystemExit("error: {} does not deserialize with TensorRT {}; delete it to rebuild".format(
+            engine_path, trt.__version__))
 
     stats = Tegrastats()
-    one = Runner(trt, cuda, engine, shape)
+    run = Runner(trt, cuda, engine).bind(shape)
+    x0 = np.zeros(shape, dtype=np.float32)
     for _ in range(args.warmup):
-        one.time_ms()
-    times = [one.time_ms() for _ in range(args.runs)]
-    batch = [args.throughput_batch] + shape[1:]
-    many = Runner(trt, cuda, engine, batch)
+        run.time_ms()
+    times = [run.time_ms() for _ in range(args.runs)]
+    with_copies = [run.time_with_copies_ms(x0) for _ in range(min(args.runs, 100))]
+    fixed = run.engine_batch()
+    tp_batch = fixed if fixed is not None else args.throughput_batch  # a batch-1 engine: throughput at 1
+    run.bind([tp_batch] + shape[1:])
+    for _ in range(5):
+        run.time_ms()
     t0 = time.time()
     for _ in range(20):
-        many.time_ms()
-    throughput = 20 * args.throughput_batch / (time.time() - t0)
+        run.time_ms()
+    throughput = 20 * tp_batch / (time.time() - t0)
+    run.bind(shape)
     top1 = None
     if meta.get("validation"):
-        data = np.load(os.path.join(args.bundle, meta["validation"]))
+        data = np.load(os.path.join(args.bundle, meta["validation"]), allow_pickle=False)
         x, y = data["x"].astype(np.float32), data["y"]
-        correct = sum(int(one(x[i:i + 1]).argmax()) == int(y[i]) for i in range(len(y)))
+        correct = sum(int(run(x[i:i + 1]).argmax()) == int(y[i]) for i in range(len(y)))
         top1 = 100.0 * correct / max(len(y), 1)
     sampled = stats.stop()
     result = {"format": FORMAT_OUT, "device": device_info(trt.__version__),
               "stages": [dict({"stage": meta.get("stage"), "precision": meta["precision"], "top1": top1,
-                               "latency_ms": percentiles(times), "throughput_ips": throughput,
+                               "latency_ms": percentiles(times), "latency_with_copies_ms": percentiles(with_copies),
+                               "throughput_ips": throughput, "throughput_batch": tp_batch,
                                "runs": args.runs, "warmup": args.warmup}, **sampled)]}
     out = args.out or os.path.join(args.bundle, "measured.json")
     with open(out + ".tmp", "w") as f:

@@ -1,0 +1,514 @@
+"""Peers benchmark: edgevit side by side with the tools users would pick instead.
+
+Pruning: Torch-Pruning (group magnitude, group Taylor) against edgevit's OSSCAR on the
+reference CIFAR-10 teacher (../shared/data) at the same ratios (50 % and 75 % of the MLP
+hidden units, 50 % of the attention heads, in every block): top-1 right after pruning, the
+pruned model's FLOPs and the seconds it took; then the best of each tool at MLP 50 % after
+the same short recovery (same loop, same batches, same steps). INT8: ONNX Runtime's
+quantize_static (its defaults), NNCF's post-training quantization of the ONNX model, NVIDIA
+ModelOpt's ONNX PTQ and edgevit's INT8 (ort_cpu layout), all calibrated on the same train
+images: top-1 on the teacher, and ONNX Runtime CPU latency at batch 1 on a DeiT-Tiny-shaped
+timm model at 224 px (random weights, speed only) as a ratio to FP32 measured in the same run,
+each model timed in its own process (python -m edgevit.latency). Not part of the test suite;
+the peers come with pip install -e '.[bench]'.
+
+    python bench/peers.py            # full size: 10,000 test images, 512 calibration images
+    python bench/peers.py --quick    # a few minutes: 1,000 test images, fewer runs and steps
+"""
+
+# ---- by hand: what each tool needed beyond its one call (printed by the script) ----
+# Torch-Pruning, MLP units (50 % / 75 %):
+#  - ignored_layers: the classifier (model.head), patch_embed.proj and every attn.qkv. Without
+#    patch_embed.proj the residual group (embed dim, norms, cls_token, pos_embed as "unwrapped
+#    parameters") is pruned at the same ratio; without the qkv layers head dims go too.
+#  - Taylor: a forward + backward pass (cross-entropy on the labels) over the calibration
+#    images, written by hand before pruner.step(); gradients zeroed afterwards.
+#  - the ratio is per group (fc1 out = fc2 in), so 384 units at 50 % keep 192 as edgevit's plan.
+# Torch-Pruning, attention heads (50 %):
+#  - num_heads={attn.qkv: 6 for every block}, prune_num_heads=True, prune_head_dims=False,
+#    head_pruning_ratio=0.5; heads only go when the group's channel ratio is > 0, so
+#    pruning_ratio=0.5 as well, with every mlp.fc1 (and head, patch_embed.proj) ignored so that
+#    ratio touches nothing else.
+#  - after pruning, for every timm Attention: num_heads = pruner.num_heads[attn.qkv] and
+#    attn_dim = num_heads * head_dim (forward reshapes to attn_dim and fails otherwise).
+#  - both: the pruned model is a bare nn.Module; FLOPs and the kept counts were read back here
+#    (ModelGraph.from_module) to check they match edgevit's plan.
+# edgevit (the same three results):
+#  - counts = plan.counts_for(graph, PlanConfig(), heads, mlp); reconstruct.osscar_model(graph,
+#    counts, calibration images, device) (in a recipe: prune: {method: osscar, mlp: 0.5}).
+#    The graph spec knows which Linear is qkv / proj / fc1 / fc2, and keep_heads updates the
+#    timm attributes (num_heads, attn_dim): nothing to ignore or reset.
+# ONNX Runtime quantize_static (defaults: QDQ, every op type it supports, per-tensor, s8/s8, MinMax):
+#  - a CalibrationDataReader class (get_next) written by hand; quant_pre_process run by hand
+#    (ONNX Runtime recommends it before quantizing).
+# NNCF (nncf.quantize on the onnx.ModelProto):
+#  - an nncf.Dataset with a transform_fn mapping each item to {input name: array};
+#    subset_size defaults to 300 images, set to the calibration size by hand;
+#    model_type=nncf.ModelType.TRANSFORMER (NNCF's advice for transformers) set by hand; the
+#    summary line's nncf figures are that run (NNCF's plain defaults are printed too).
+# NVIDIA ModelOpt (modelopt.onnx.quantization.quantize):
+#  - nvidia-modelopt[onnx] does not install next to onnx 1.23 / onnxruntime 1.32: the extra pins
+#    onnx~=1.21 and onnxruntime-gpu~=1.24 (whose wheel overwrites the onnxruntime package);
+#    installed by hand as the plain package plus the extra's other dependencies.
+#  - it writes intermediate files next to the input model: run in a folder of its own.
+#  - high_precision_dtype defaults to fp16 (the float part of the graph turns FP16, which this
+#    CPU has no kernels for): high_precision_dtype="fp32" set by hand for ORT CPU.
+# edgevit INT8:
+#  - export_onnx, preprocess, quantize_int8(layout="ort_cpu", method="percentile",
+#    nodes_to_exclude=activation_matmuls(...)) (in a recipe: quantize: {} on a CPU profile).
+# ---- end by hand ----
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, SKIP, cifar_data, cifar_dirs, cifar_teacher  # noqa: E402
+
+SETTINGS = (("mlp50", "mlp", 0.5), ("mlp75", "mlp", 0.75), ("heads50", "heads", 0.5))
+TP_IMPORTANCES = ("magnitude", "taylor")
+
+
+def by_hand() -> str:
+    """The comment block at the top of this file, without the comment marks."""
+    lines = Path(__file__).read_text().splitlines()
+    start = next(i for i, s in enumerate(lines) if s.startswith("# ---- by hand"))
+    end = next(i for i, s in enumerate(lines) if s.startswith("# ---- end by hand"))
+    return "\n".join(s[2:] for s in lines[start + 1:end])
+
+
+@contextlib.contextmanager
+def quiet():  # noqa: ANN201
+    """Silence a peer's progress bars and logging (stdout and stderr) while it runs."""
+    import logging
+
+    out, err = io.StringIO(), io.StringIO()
+    level = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        logging.disable(level)
+
+
+# ---- pruning ---------------------------------------------------------------------------
+
+def tp_prune(module, what: str, ratio: float, importance: str, images, labels, device, batch: int = 32):  # noqa: ANN001, ANN201
+    """Torch-Pruning on a copy of the timm ViT; returns (pruned module, seconds)."""
+    import torch
+    import torch.nn.functional as F
+    import torch_pruning as tp
+
+    m = copy.deepcopy(module).to(device).eval()
+    t0 = time.perf_counter()
+    example = images[:1].to(device)
+    imp = (tp.importance.GroupMagnitudeImportance(p=2) if importance == "magnitude"
+           else tp.importance.GroupTaylorImportance())
+    ignored = [m.head, m.patch_embed.proj]
+    num_heads = {}
+    for blk in m.blocks:
+        if what == "mlp":
+            ignored.append(blk.attn.qkv)
+        else:
+            ignored.append(blk.mlp.fc1)
+            num_heads[blk.attn.qkv] = blk.attn.num_heads
+    kw = (dict(pruning_ratio=ratio) if what == "mlp" else
+          dict(pruning_ratio=ratio, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+               head_pruning_ratio=ratio))
+    with warnings.catch_warnings():  # "unwrapped parameters cls_token, pos_embed": in the ignored residual group
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(m, example, importance=imp, ignored_layers=ignored, **kw)
+    if importance == "taylor":
+        m.zero_grad(set_to_none=True)
+        for s in range(0, len(images), batch):
+            F.cross_entropy(m(images[s:s + batch].to(device)), labels[s:s + batch].to(device)).backward()
+    with torch.no_grad():
+        pruner.step()
+    m.zero_grad(set_to_none=True)
+    if what == "heads":
+        for blk in m.blocks:
+            blk.attn.num_heads = pruner.num_heads[blk.attn.qkv]
+            blk.attn.attn_dim = blk.attn.num_heads * blk.attn.head_dim
+    return m.cpu().eval(), time.perf_counter() - t0
+
+
+def ev_prune(graph, what: str, ratio: float, images, device):  # noqa: ANN001, ANN201
+    """edgevit's OSSCAR at the plan's counts; returns (pruned graph, seconds)."""
+    from edgevit.prune.plan import PlanConfig, counts_for
+    from edgevit.prune.reconstruct import osscar_model
+
+    g = graph.clone()
+    counts = counts_for(g, PlanConfig(), ratio if what == "heads" else 0.0, ratio if what == "mlp" else 0.0)
+    t0 = time.perf_counter()
+    osscar_model(g, counts, images, device)
+    g.module.cpu().eval()
+    return g, time.perf_counter() - t0
+
+
+def recover(module, teacher, loader, steps: int, lr: float, device) -> None:  # noqa: ANN001
+    """The same plain loop for every tool: AdamW (linear warm-up over the first tenth of the
+    steps, then cosine to zero), cross-entropy + KL to the unpruned teacher; same batches and
+    same augmentation draws for every model."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    module.to(device).train()
+    teacher.to(device).eval()
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.05)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: (i + 1) / warm if i < warm else
+                                              0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, steps - warm))))
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad():
+                t = teacher(x)
+            s = module(x)
+            loss = F.cross_entropy(s, y) + F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1),
+                                                    reduction="batchmean", log_target=True)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            done += 1
+            if done == steps:
+                break
+    module.cpu().eval()
+    teacher.cpu()
+
+
+def shape_of(graph) -> str:  # noqa: ANN001
+    heads = sorted({b.attn.num_heads for b in graph.spec.blocks})
+    units = sorted({b.mlp.hidden for b in graph.spec.blocks})
+    return f"heads {'/'.join(map(str, heads))}, units {'/'.join(map(str, units))}"
+
+
+def pruning(args, graph, data, device) -> dict:  # noqa: ANN001
+    from edgevit.graph import ModelGraph
+    from edgevit.training import evaluate_top1
+
+    images, labels = data.sample(args.calibration, 0, "train")
+    base_flops = graph.cost().flops
+    rows: dict[tuple[str, str], dict] = {}
+    kept: dict[tuple[str, str], object] = {}
+    for name, what, ratio in SETTINGS:
+        for imp in TP_IMPORTANCES:
+            m, secs = tp_prune(graph.module, what, ratio, imp, images, labels, device)
+            g = ModelGraph.from_module(m, graph.build)
+            top1 = evaluate_top1(m.to(device), data.val_loader(), device)
+            m.cpu()
+            rows[(name, f"tp {imp}")] = dict(top1=top1, flops=g.cost().flops, seconds=secs, shape=shape_of(g))
+            kept[(name, f"tp {imp}")] = m
+        g, secs = ev_prune(graph, what, ratio, images, device)
+        top1 = evaluate_top1(g.module.to(device), data.val_loader(), device)
+        g.module.cpu()
+        rows[(name, "ev osscar")] = dict(top1=top1, flops=g.cost().flops, seconds=secs, shape=shape_of(g))
+        kept[(name, "ev osscar")] = g.module
+        for method in (*(f"tp {i}" for i in TP_IMPORTANCES), "ev osscar"):
+            r = rows[(name, method)]
+            print(f"  {name:<8} {method:<13} top-1 {r['top1']:6.2f}%  {r['flops'] / 1e6:7.1f} MFLOPs "
+                  f"({r['flops'] / base_flops:.3f})  {r['seconds']:6.2f} s  [{r['shape']}]", file=sys.stderr)
+
+    print(f"\nPruning the reference teacher ({base_flops / 1e6:.1f} MFLOPs), one-shot, no fine-tuning; "
+          f"{args.calibration} calibration images from train, top-1 on {len(data.val)} test images:")
+    print(f"  {'setting':<9}{'method':<22}{'top-1 %':>8}{'MFLOPs':>9}{'kept':>7}{'seconds':>9}  shape")
+    for name, _, _ in SETTINGS:
+        for method in (*(f"tp {i}" for i in TP_IMPORTANCES), "ev osscar"):
+            r = rows[(name, method)]
+            label = {"tp magnitude": "Torch-Pruning magnitude", "tp taylor": "Torch-Pruning taylor",
+                     "ev osscar": "edgevit osscar"}[method]
+            print(f"  {name:<9}{label:<22}{r['top1']:>8.2f}{r['flops'] / 1e6:>9.1f}{r['flops'] / base_flops:>7.3f}"
+                  f"{r['seconds']:>9.2f}  {r['shape']}")
+
+    best_tp = max(TP_IMPORTANCES, key=lambda i: rows[("mlp50", f"tp {i}")]["top1"])
+    rec: dict[str, float] = {}
+    if args.recover_steps > 0:
+        loader = data.train_loader(seed=0, epoch=0)
+        for label, key in ((f"Torch-Pruning {best_tp}", ("mlp50", f"tp {best_tp}")),
+                           ("edgevit osscar", ("mlp50", "ev osscar"))):
+            m = kept[key]
+            t0 = time.perf_counter()
+            recover(m, graph.module, loader, args.recover_steps, args.recover_lr, device)
+            rec[label] = evaluate_top1(m.to(device), data.val_loader(), device)
+            m.cpu()
+            print(f"  recovered {label}: {rec[label]:.2f}% ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        print(f"\nMLP 50 %, after the same recovery ({args.recover_steps} steps of {data.batch_size} train "
+              f"images, AdamW peak lr {args.recover_lr:g}, warm-up + cosine, cross-entropy + KL to the unpruned "
+              "teacher):")
+        for label, top1 in rec.items():
+            before = rows[("mlp50", "ev osscar" if label.startswith("edgevit") else f"tp {best_tp}")]["top1"]
+            print(f"  {label:<24} {before:6.2f} -> {top1:6.2f}")
+    return {"rows": rows, "recovered": rec}
+
+
+# ---- INT8 ------------------------------------------------------------------------------
+
+class Reader:
+    """ONNX Runtime's calibration-reader protocol, a batch at a time."""
+
+    def __init__(self, images, name: str, batch: int = 32) -> None:  # noqa: ANN001
+        self.chunks = iter([images[i:i + batch] for i in range(0, len(images), batch)])
+        self.name = name
+
+    def get_next(self):  # noqa: ANN201
+        b = next(self.chunks, None)
+        return None if b is None else {self.name: b}
+
+
+def ort_default(src: Path, dst: Path, calib) -> None:  # noqa: ANN001
+    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = dst.with_suffix(".pre.onnx")
+    with quiet():
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(dst), Reader(calib, "input"))
+    pre.unlink()
+
+
+def nncf_ptq(src: Path, dst: Path, calib, transformer: bool) -> None:  # noqa: ANN001
+    import nncf
+    import onnx
+
+    ds = nncf.Dataset(list(calib[:, None]), lambda x: {"input": x})
+    kw = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+    with quiet():
+        q = nncf.quantize(onnx.load(str(src)), ds, subset_size=len(calib), **kw)
+    onnx.save(q, str(dst))
+
+
+def modelopt_ptq(src: Path, dst: Path, calib, high: str) -> None:  # noqa: ANN001
+    """ModelOpt's ONNX INT8 PTQ (its default calibration, entropy) in a folder of its own."""
+    import shutil
+
+    from modelopt.onnx.quantization import quantize
+
+    work = Path(tempfile.mkdtemp(prefix="edgevit-modelopt-"))
+    shutil.copy(src, work / src.name)
+    try:
+        with quiet():
+            quantize(str(work / src.name), quantize_mode="int8", calibration_data={"input": calib},
+                     high_precision_dtype=high, output_path=str(dst), log_level="ERROR")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def edgevit_int8(src: Path, dst: Path, calib) -> None:  # noqa: ANN001
+    """What the quantize pass does on a CPU profile: ort_cpu layout, percentile calibration,
+    attention's activation x activation MatMuls left in float."""
+    from edgevit.quantize.int8 import activation_matmuls, preprocess, quantize_int8
+
+    pre = dst.with_suffix(".pre.onnx")
+    preprocess(src, pre)
+    with quiet():
+        quantize_int8(pre, dst, calib, method="percentile", layout="ort_cpu",
+                      nodes_to_exclude=activation_matmuls(pre))
+    pre.unlink()
+
+
+QUANTIZERS = {  # name: (label, function)
+    "ort": ("ONNX Runtime quantize_static, defaults", ort_default),
+    "nncf": ("NNCF, model_type TRANSFORMER", lambda s, d, c: nncf_ptq(s, d, c, True)),
+    "nncf_default": ("NNCF, defaults", lambda s, d, c: nncf_ptq(s, d, c, False)),
+    "modelopt": ("ModelOpt, high precision fp32", lambda s, d, c: modelopt_ptq(s, d, c, "fp32")),
+    "modelopt_fp16": ("ModelOpt, defaults (fp16)", lambda s, d, c: modelopt_ptq(s, d, c, "fp16")),
+    "ev": ("edgevit ort_cpu", edgevit_int8),
+}
+
+
+def quantize_apart(key: str, src: Path, dst: Path, calib_npy: Path) -> str | None:
+    """One quantizer in a fresh process (ModelOpt patches ONNX Runtime's calibrators in the
+    process it runs in, which then breaks quantize_static for everyone after it). Returns
+    None, or the error the quantizer raised."""
+    res = subprocess.run([sys.executable, __file__, "--quantize-one", key, str(src), str(dst), str(calib_npy)],
+                         capture_output=True, text=True, cwd=REPO)
+    if res.returncode == 0 and dst.is_file():
+        return None
+    lines = [s for s in (res.stdout + res.stderr).splitlines() if s.startswith("quantize-one failed: ")]
+    return lines[-1].removeprefix("quantize-one failed: ") if lines else (res.stderr.strip().splitlines() or ["?"])[-1]
+
+
+def quantize_one(key: str, src: str, dst: str, calib_npy: str) -> int:
+    import numpy as np
+
+    try:
+        QUANTIZERS[key][1](Path(src), Path(dst), np.load(calib_npy))
+    except Exception as e:  # noqa: BLE001 - reported by the parent, one line
+        msg = str(e).strip().splitlines()
+        print(f"quantize-one failed: {type(e).__name__}: {msg[0] if msg else ''}")
+        return 1
+    return 0
+
+
+def latency(path: Path, runs: int, warmup: int) -> float:
+    """Median ms at batch 1, in a fresh process (python -m edgevit.latency)."""
+    res = subprocess.run([sys.executable, "-m", "edgevit.latency", str(path), "--batch", "1", "--runs", str(runs),
+                          "--warmup", str(warmup), "--threads", "0"], capture_output=True, text=True, check=True,
+                         cwd=REPO)
+    return json.loads(res.stdout.strip().splitlines()[-1])["median_ms"]
+
+
+def int8_nodes(path: Path) -> str:
+    from edgevit.onnx_io import op_counts
+    from edgevit.quantize.int8 import quantized_nodes
+
+    ops = op_counts(path)
+    return f"{len(quantized_nodes(path))} MatMul/Gemm/Conv in INT8, {ops.get('QuantizeLinear', 0)} QuantizeLinear"
+
+
+def int8(args, graph, data, tmp: Path) -> dict:  # noqa: ANN001
+    import numpy as np
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    from edgevit.graph import ModelGraph
+    from edgevit.onnx_io import export_onnx, session, top1
+
+    failed: dict[str, str] = {}
+    acc: dict[str, float] = {}
+    np.save(tmp / "cifar.calib.npy", data.sample(args.calibration, 0, "train")[0].numpy())
+    export_onnx(graph, tmp / "cifar.onnx", opset=17)
+    acc["fp32"] = top1(session(tmp / "cifar.onnx"), data.val_loader())
+    for key, (label, _) in QUANTIZERS.items():
+        out = tmp / f"cifar.{key}.onnx"
+        why = quantize_apart(key, tmp / "cifar.onnx", out, tmp / "cifar.calib.npy")
+        if why is not None:
+            failed[key] = why
+            print(f"  int8 {label}: failed: {why}", file=sys.stderr)
+            continue
+        acc[key] = top1(session(out), data.val_loader())
+        print(f"  int8 {label:<40} top-1 {acc[key]:6.2f}%  ({int8_nodes(out)})", file=sys.stderr)
+
+    torch.manual_seed(0)
+    kw = dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, num_classes=1000)
+    deit = ModelGraph.from_module(VisionTransformer(**kw).eval(), {"architecture": "VisionTransformer", "kwargs": kw})
+    export_onnx(deit, tmp / "deit.onnx", opset=17)
+    np.save(tmp / "deit.calib.npy",
+            np.random.default_rng(0).standard_normal((args.deit_calibration, 3, 224, 224)).astype(np.float32))
+    lat = {"fp32": latency(tmp / "deit.onnx", args.runs, args.warmup)}
+    nodes: dict[str, str] = {}
+    for key, (label, _) in QUANTIZERS.items():
+        if key in failed:
+            continue
+        out = tmp / f"deit.{key}.onnx"
+        why = quantize_apart(key, tmp / "deit.onnx", out, tmp / "deit.calib.npy")
+        if why is not None:
+            failed[key] = f"{why} (DeiT shape)"
+            print(f"  int8 {label} (DeiT): failed: {why}", file=sys.stderr)
+            continue
+        lat[key] = latency(out, args.runs, args.warmup)
+        nodes[key] = int8_nodes(out)
+
+    print(f"\nINT8: top-1 % of the reference teacher on {len(data.val)} test images (ONNX Runtime CPU), "
+          f"{args.calibration} calibration images from train; latency: DeiT-Tiny shape (12x192, 224 px), batch 1, "
+          f"median of {args.runs} runs after {args.warmup} warm-up, each model in its own process "
+          f"({os.cpu_count()} cores):")
+    print(f"  {'':<40}{'top-1 %':>8}{'ms':>9}{'speed-up':>10}  DeiT graph")
+    print(f"  {'FP32':<40}{acc['fp32']:>8.2f}{lat['fp32']:>9.2f}{1.0:>10.2f}")
+    for key, (label, _) in QUANTIZERS.items():
+        if key in failed:
+            continue
+        print(f"  {label:<40}{acc[key]:>8.2f}{lat[key]:>9.2f}{lat['fp32'] / lat[key]:>10.2f}  {nodes[key]}")
+    for key, why in failed.items():
+        print(f"  {QUANTIZERS[key][0]}: not measured: {why}")
+    return {"top1": acc, "latency": lat, "failed": failed}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1,000 test images, 128 calibration images, 20 latency "
+                    "runs, 10 recovery steps: a few minutes")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--calibration", type=int, default=None, help="calibration images, train split (default 512)")
+    ap.add_argument("--test-limit", type=int, default=None, help="test images (default all 10,000)")
+    ap.add_argument("--runs", type=int, default=None, help="latency runs per model (default 100)")
+    ap.add_argument("--warmup", type=int, default=None, help="latency warm-up runs (default 20)")
+    ap.add_argument("--deit-calibration", type=int, default=None, help="random calibration images for the DeiT "
+                    "shape (speed only; default 32)")
+    ap.add_argument("--recover-steps", type=int, default=None, help="recovery steps (default 100)")
+    ap.add_argument("--recover-batch", type=int, default=64)
+    ap.add_argument("--recover-lr", type=float, default=5e-5, help="peak learning rate")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 keeps the "
+                    "pruning seconds meaningful when other jobs share the cores (2 threads on 2 busy cores ran "
+                    "OSSCAR 20x slower here)")
+    ap.add_argument("--skip-prune", action="store_true")
+    ap.add_argument("--skip-int8", action="store_true")
+    ap.add_argument("--quantize-one", nargs=4, metavar=("KEY", "SRC", "DST", "CALIB"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.quantize_one:
+        sys.exit(quantize_one(*args.quantize_one))
+    q = args.quick
+    for name, full, quick in (("calibration", 512, 128), ("test_limit", None, 1000), ("runs", 100, 20),
+                              ("warmup", 20, 5), ("deit_calibration", 32, 8), ("recover_steps", 100, 10)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if q else full)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t_start = time.perf_counter()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    from edgevit.context import resolve_device
+    from edgevit.data import build_data
+    from edgevit.models.sources import load_model
+    from edgevit.recipe import Recipe
+    from edgevit.training import evaluate_top1
+
+    dirs, model = cifar_dirs(), cifar_teacher()
+    if dirs is None or model is None:
+        print(f"peers: skipped: {SKIP}")
+        return
+    data_cfg = cifar_data(dirs, batch_size=args.recover_batch, **({"limit_val": args.test_limit}
+                                                                    if args.test_limit else {}))
+    rec = Recipe.model_validate({"name": "bench-peers", "seed": 0, "model": model, "data": data_cfg})
+    graph = load_model(rec.model)
+    data = build_data(rec.data, graph.spec, 0)
+    device = resolve_device(args.device)
+    t_top1 = evaluate_top1(graph.module.to(device), data.val_loader(), device)
+    graph.module.cpu().eval()
+    print(f"teacher: top-1 {t_top1:.2f}% on {len(data.val)} test images, {graph.cost().flops / 1e6:.1f} MFLOPs"
+          + ("  (--quick)" if q else ""))
+    tmp = Path(tempfile.mkdtemp(prefix="edgevit-bench-peers-"))
+
+    pr = pruning(args, graph, data, device) if not args.skip_prune else None
+    qr = int8(args, graph, data, tmp) if not args.skip_int8 else None
+
+    print("\nBy hand (what each tool needed beyond its one call):")
+    print(by_hand())
+    print(f"\ntook {time.perf_counter() - t_start:.0f} s")
+
+    def f(x: float | None) -> str:
+        return "nan" if x is None else f"{x:.2f}"
+
+    parts = []
+    rows = pr["rows"] if pr else {}
+    for name, _, _ in SETTINGS:
+        tp = max(rows[(name, f"tp {i}")]["top1"] for i in TP_IMPORTANCES) if rows else None
+        parts += [f"tp_{name}_top1={f(tp)}", f"ev_{name}_top1={f(rows[(name, 'ev osscar')]['top1'] if rows else None)}"]
+    acc, lat = (qr["top1"], qr["latency"]) if qr else ({}, {})
+    for key in ("ort", "nncf", "ev"):
+        parts.append(f"{key}_int8_top1={f(acc.get(key))}")
+    for key in ("ort", "nncf", "ev"):
+        parts.append(f"{key}_int8_speedup={f(lat['fp32'] / lat[key] if key in lat else None)}")
+    print("peers: " + " ".join(parts))
+
+
+if __name__ == "__main__":
+    main()

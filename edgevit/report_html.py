@@ -1,0 +1,95 @@
+"""report.html: one self-contained page (CSS and PNGs inline) with every stage in one table."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any
+
+from edgevit.report import DASH, fmt, stage_notes
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1180px;
+color:#1f2933;padding:0 1rem;line-height:1.45}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #e4e7eb}
+.sub{color:#52606d;font-size:.92rem}
+table{border-collapse:collapse;width:100%;font-size:.88rem;margin-top:.6rem}
+th,td{padding:.38rem .55rem;border-bottom:1px solid #e4e7eb;text-align:right;white-space:nowrap}
+th{background:#f5f7fa;font-weight:600}td:first-child,th:first-child{text-align:left}
+tr:hover td{background:#fafbfc}.ok{color:#1e7b34;font-weight:600}.bad{color:#b42318;font-weight:600}
+.group{text-align:center;background:#eef2f6}figure{margin:1.2rem 0}img{max-width:100%;border:1px solid #e4e7eb}
+figcaption{color:#52606d;font-size:.85rem}ul{padding-left:1.2rem}li{margin:.25rem 0}
+"""
+
+
+def _cell(value: str, cls: str = "") -> str:
+    return f'<td class="{cls}">{html.escape(value)}</td>' if cls else f"<td>{html.escape(value)}</td>"
+
+
+def _rows(report: dict[str, Any]) -> tuple[list[str], list[str]]:
+    measured = any(s.get("measured_on_device") for s in report["stages"])
+    predicted = any(s.get("predicted") for s in report["stages"])
+    groups = ['<th colspan="5" class="group">model</th>', '<th colspan="3" class="group">host</th>']
+    head = ["stage", "top-1 %", "params M", "GFLOPs", "size MB", "p50 ms", "p99 ms", "mem MB"]
+    if predicted:
+        groups.append('<th colspan="4" class="group">device, predicted</th>')
+        head += ["precision", "latency ms", "memory MB", "verdict"]
+    if measured:
+        groups.append('<th colspan="3" class="group">device, measured</th>')
+        head += ["p50 ms", "top-1 %", "RAM MB"]
+    rows = []
+    for s in report["stages"]:
+        lat = s.get("latency_ms") or {}
+        cells = [_cell(s["stage"]), _cell(fmt(s.get("top1"), ".2f")), _cell(fmt(s.get("params"), ".3f", 1e6)),
+                 _cell(fmt(s.get("flops"), ".4f", 1e9)), _cell(fmt(s.get("size_bytes"), ".2f", 1e6)),
+                 _cell(fmt(lat.get("median"), ".3f")), _cell(fmt(lat.get("p99"), ".3f")),
+                 _cell(fmt(s.get("peak_mem_mb"), ".0f"))]
+        if predicted:
+            p = s.get("predicted") or {}
+            verdict = p.get("verdict")
+            cells += [_cell(p.get("precision") or DASH), _cell(fmt(p.get("latency_ms"), ".2f")),
+                      _cell(fmt(p.get("memory_mb"), ".0f")),
+                      _cell(verdict or DASH, "ok" if verdict == "deployable" else "bad" if verdict else "")]
+        if measured:
+            m = (s.get("measured_on_device") or [{}])[-1]
+            cells += [_cell(fmt((m.get("latency_ms") or {}).get("median"), ".2f")), _cell(fmt(m.get("top1"), ".2f")),
+                      _cell(fmt(m.get("peak_mem_mb"), ".0f"))]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return ["<tr>" + "".join(groups) + "</tr>", "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"], rows
+
+
+def _image(run_dir: Path, rel: str) -> str:
+    data = base64.b64encode((run_dir / rel).read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(rel)}" src="data:image/png;base64,{data}">'
+
+
+CAPTIONS = {
+    "accuracy_latency": "Each stage as a point on the path from the input model to the final one: top-1 against "
+                        "batch-1 latency on this machine and, when the recipe names a device, predicted there.",
+}
+
+
+def render_html(report: dict[str, Any], run_dir: Path) -> str:
+    head, rows = _rows(report)
+    host = report.get("host")
+    sub = (f"Host: {html.escape(str(host['cpu']))}, {host['cores']} cores; onnxruntime {host['onnxruntime']}, "
+           f"torch {host['torch']}." if host else "No benchmark stage in this run: host figures are not measured.")
+    parts = [f"<h1>edgevit report: {html.escape(report['run'])}</h1>", f'<p class="sub">{sub} {DASH} = not '
+             "measured for this stage.</p>", "<h2>Stages</h2>", "<table>", *head, *rows, "</table>"]
+    reasons = [(s["stage"], r) for s in report["stages"] for r in (s.get("predicted") or {}).get("reasons", [])]
+    notes = stage_notes(report) + reasons
+    if notes:
+        parts += ["<h2>Notes</h2>", "<ul>"] + [f"<li><b>{html.escape(st)}</b>: {html.escape(n)}</li>"
+                                               for st, n in notes] + ["</ul>"]
+    plots = report.get("plots") or {}
+    if plots:
+        parts.append("<h2>Pictures</h2>")
+        for name, rel in plots.items():
+            if (run_dir / rel).is_file():
+                cap = CAPTIONS.get(name, "Per-block cost of the model before and after pruning (MFLOPs per image).")
+                parts.append(f"<figure>{_image(run_dir, rel)}<figcaption>{html.escape(cap)}</figcaption></figure>")
+    body = "\n".join(parts)
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+            f'content="width=device-width, initial-scale=1"><title>edgevit report: {html.escape(report["run"])}'
+            f"</title><style>{CSS}</style></head><body>\n{body}\n</body></html>\n")

@@ -1,0 +1,83 @@
+"""The run report: one table across stages, pictures, a self-contained HTML page, and "—" for
+whatever a stage did not measure."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from edgevit.report import build_report
+from tests.conftest import run_cli, run_pipeline, tiny_recipe_data
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "run"
+    data = tiny_recipe_data(profile="jetson-nano")
+    data["passes"] = [{"adapt": {"epochs": 2, "lr": 0.003, "warmup_epochs": 0}},
+                      {"prune": {"method": "magnitude", "mlp": 0.5}},
+                      {"export": {"parity_samples": 16}},
+                      {"benchmark": {"runs": 3, "warmup": 1, "throughput_batch": 4}}]
+    run_pipeline(data, out)
+    return out
+
+
+def test_report_has_every_stage_pictures_and_a_self_contained_html(tiny_run: Path) -> None:
+    rep = json.loads((tiny_run / "report.json").read_text())
+    assert [s["stage"] for s in rep["stages"]] == ["00-source", "01-adapt", "02-prune", "03-export"]
+    assert set(rep["plots"]) == {"accuracy_latency", "layers_02-prune"}
+    for rel in rep["plots"].values():
+        assert (tiny_run / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (tiny_run / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+    assert page.count('src="data:image/png;base64,') == 2  # images inline: the page travels alone
+    assert not re.search(r'src="(?!data:)', page)  # nothing fetched from elsewhere
+    for text in ("02-prune", "device, predicted", "deployable", "host", "Pictures"):
+        assert text in page
+    md = (tiny_run / "report.md").read_text()
+    assert "![accuracy_latency](plots/accuracy_latency.png)" in md
+
+
+def test_a_stage_missing_a_metric_renders_as_a_dash(tiny_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    bench = run / "04-benchmark" / "benchmark.json"
+    b = json.loads(bench.read_text())
+    del b["stages"][1]["top1"]  # 01-adapt lost its top-1
+    b["stages"][1]["latency_ms"] = None
+    b["stages"][2]["predicted"] = None
+    bench.write_text(json.dumps(b))
+    (run / "02-prune" / "metrics.json").unlink()  # and the prune stage its metrics file
+    rep = build_report(run)
+    rows = {s["stage"]: s for s in rep["stages"]}
+    assert rows["01-adapt"]["top1"] is None and rows["02-prune"]["flops"] is None
+    md = (run / "report.md").read_text()
+    assert "| 01-adapt | — |" in md
+    page = (run / "report.html").read_text()
+    assert "<td>—</td>" in page and "01-adapt" in page
+    assert run_cli("report", str(run)).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
+                    reason="no headless Chromium on this machine (apt install chromium to run this check)")
+def test_html_report_renders_in_headless_chromium(tiny_run: Path, tmp_path: Path) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    shot = tmp_path / "shot.png"
+    res = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                          "--window-size=1280,1600", (tiny_run / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
+    from PIL import Image
+
+    img = Image.open(shot).convert("L")
+    assert img.size == (1280, 1600)
+    # a rendered page, not a blank one: the table and the plots put plenty of non-white pixels on it
+    import numpy as np
+
+    dark = int((np.asarray(img) < 200).sum())
+    assert dark > 20_000, dark
