@@ -80,7 +80,7 @@ def layer_costs(before: dict[str, Any], after: dict[str, Any], out: Path) -> Pat
     ax.set_xticks(range(len(blocks)), [f"block {k}" for k in blocks])
     ax.set_ylabel("MFLOPs per image")
     ax.set_title(f"per-block cost before and after {after['stage']}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     with atomic_path(out) as tmp:

@@ -156,7 +156,7 @@ def test_embedded_demo_recipe_is_valid_and_runs_the_paper_order() -> None:
     from edgevit.recipe import load_recipe
 
     recipe, steps = load_recipe(None, [], Registry())
-    assert [s.name for s in steps] == ["adapt", "distill", "prune", "export", "bundle", "benchmark"]
+    assert [s.name for s in steps] == ["adapt", "distill", "prune", "export", "quantize", "bundle", "benchmark"]
     assert recipe.data.source == "digits" and recipe.profile == "jetson-nano"  # offline; predicted on the Nano
 
 
@@ -167,7 +167,7 @@ def test_embedded_demo_runs_end_to_end(tmp_path: Path) -> None:
     rows = {r["stage"]: r for r in json.loads((tmp_path / "demo" / "report.json").read_text())["stages"]}
     assert rows["02-distill"]["top1"] > 90 and rows["02-distill"]["flops"] < rows["01-adapt"]["flops"] / 4
     assert rows["03-prune"]["params"] < rows["02-distill"]["params"]
-    for stage in ("00-source", "01-adapt", "02-distill", "03-prune", "04-export"):  # the Nano, per stage
+    for stage in ("00-source", "01-adapt", "02-distill", "03-prune", "04-export", "05-quantize"):  # on the Nano
         p = rows[stage]["predicted"]
         assert p["profile"] == "jetson-nano" and p["latency_ms"] > 0 and p["memory_mb"] > 0 and p["verdict"]
     assert rows["02-distill"]["predicted"]["latency_ms"] < rows["01-adapt"]["predicted"]["latency_ms"]
