@@ -39,6 +39,8 @@ def print_report(rep: dict, run: Path) -> None:
     from edgevit.report import prediction_rows, stage_notes, table_rows
 
     console = Console()
+    if not console.is_terminal:  # piped or logged: no terminal to fit, so never squeeze numbers
+        console = Console(width=max(console.width, 140))
     profile = next((s["predicted"]["profile"] for s in rep["stages"] if s.get("predicted")), "device")
     for title, rows in ((f"{rep['run']}: one row per stage (host)", table_rows(rep)),
                         (f"predicted on {profile}", prediction_rows(rep))):
@@ -46,7 +48,8 @@ def print_report(rep: dict, run: Path) -> None:
             continue
         table = Table(title=title, title_justify="left")
         for h in rows[0]:
-            table.add_column(h, justify="left" if h in ("stage", "verdict", "precision") else "right")
+            table.add_column(h, justify="left" if h in ("stage", "verdict", "precision") else "right",
+                             no_wrap=h == "stage")
         for r in rows[1]:
             table.add_row(*r)
         console.print(table)
@@ -55,4 +58,4 @@ def print_report(rep: dict, run: Path) -> None:
             console.print(f"{s['stage']}: {reason}")
     for stage, note in stage_notes(rep):
         console.print(f"{stage}: {note}")
-    console.print(f"report: {run / 'report.md'} and {run / 'report.json'}")
+    console.print(f"report: {run / 'report.html'} (also report.md, report.json)")
