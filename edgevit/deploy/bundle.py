@@ -15,7 +15,6 @@ Layout (``bundle.json`` is the index; the Jetson script's docstring fixes its fo
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,19 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from edgevit.calib.manifest import sha256_file as sha256
 from edgevit.deploy.jetson import edgevit_jetson_bench as jetson
 from edgevit.fileio import replace_dir, write_json, write_text
 
 SCRIPT = Path(jetson.__file__)
 BUNDLE_FORMAT = jetson.FORMAT_IN
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_bundle(out: Path, *, onnx_path: Path, stage: str, precision: str, workspace_mb: int,

@@ -37,6 +37,20 @@ def count(params: list[tuple[str, nn.Parameter]]) -> int:
     return sum(p.numel() for _, p in params)
 
 
+def train_side_only(graph: ModelGraph, kind: str) -> list[tuple[str, nn.Parameter]]:
+    """Freeze the backbone, train every parameter of the attached ``kind`` side module."""
+    from edgevit.errors import EdgeVitError
+
+    side = graph.side
+    if side is None or side.kind != kind:
+        found = side.kind if side is not None else "no"
+        raise EdgeVitError(f"tuner {kind}: this model carries {found} side module, not a {kind} one")
+    freeze_all(graph.backbone)
+    for p in side.parameters():
+        p.requires_grad_(True)
+    return [(f"side.{n}", p) for n, p in side.named_parameters()]
+
+
 def freeze_all(module: nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad_(False)

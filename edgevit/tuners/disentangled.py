@@ -31,7 +31,7 @@ from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
 from edgevit.graph.extension import BlockFeatures, SideModule
 from edgevit.graph.spec import BlockSpec, GraphSpec
-from edgevit.tuners.base import Tuner, count, freeze_all
+from edgevit.tuners.base import Tuner, count, train_side_only
 
 
 class DisentangledConfig(BaseModel):
@@ -197,14 +197,7 @@ class DisentangledTuner(Tuner):
                                            f"({type(extra).__name__}), which knowledge extraction does not apply")
             side = QueryExtraction(graph.spec, graph.spec.num_classes, self.cfg)
             graph.attach_side(side, side.config)
-        elif graph.side.kind != self.name:
-            raise EdgeVitError(f"tuner disentangled: this model already carries a {graph.side.kind} side module")
-        freeze_all(graph.backbone)
-        side = graph.side
-        assert side is not None
-        for p in side.parameters():
-            p.requires_grad_(True)
-        params = [(f"side.{n}", p) for n, p in side.named_parameters()]
+        params = train_side_only(graph, self.name)
         self.trainable = self.added = count(params)
         return params
 

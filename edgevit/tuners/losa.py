@@ -27,7 +27,7 @@ from torch import nn
 from edgevit.graph import ModelGraph
 from edgevit.graph.extension import BlockFeatures, SideModule
 from edgevit.graph.spec import GraphSpec
-from edgevit.tuners.base import Tuner, count, freeze_all
+from edgevit.tuners.base import Tuner, count, train_side_only
 
 
 class LoSAConfig(BaseModel):
@@ -121,16 +121,7 @@ class LoSATuner(Tuner):
             c = self.cfg
             side = SideNetwork(graph.spec, graph.spec.num_classes, c.rank, c.token_rank, c.every)
             graph.attach_side(side, side.config)
-        elif graph.side.kind != self.name:
-            from edgevit.errors import EdgeVitError
-
-            raise EdgeVitError(f"tuner losa: this model already carries a {graph.side.kind} side module")
-        freeze_all(graph.backbone)
-        side = graph.side
-        assert side is not None
-        for p in side.parameters():
-            p.requires_grad_(True)
-        params = [(f"side.{n}", p) for n, p in side.named_parameters()]
+        params = train_side_only(graph, self.name)
         self.trainable = self.added = count(params)
         return params
 
