@@ -17,6 +17,7 @@ from edgevit.graph import ModelGraph
 from edgevit.onnx_io import export_onnx
 from edgevit.quantize.fp16 import convert_fp16
 from edgevit.quantize.int8 import (
+    activation_matmuls,
     activation_scales,
     preprocess,
     quantizable_nodes,
@@ -89,6 +90,31 @@ def test_layouts(onnx_model: Path, tmp_path: Path) -> None:
     ref = logits(onnx_model, _images(16, 1))
     for path in (trt, cpu):
         assert (logits(path, _images(16, 1)).argmax(1) == ref.argmax(1)).mean() >= 0.75
+
+
+def _ort_optimized_ops(path: Path, tmp_path: Path) -> set[str]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / f"{path.stem}.opt.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node}
+
+
+def test_matmul_outputs_stay_float_and_ort_fuses_matmul_integer_to_float(onnx_model: Path, tmp_path: Path) -> None:
+    """Only MatMul inputs are quantized, in both layouts, so ONNX Runtime runs each
+    DQ→MatMul as one MatMulIntegerToFloat, never QLinearMatMul + DequantizeLinear."""
+    cpu, trt = tmp_path / "cpu.onnx", tmp_path / "trt.onnx"
+    linear = dict(op_types=["MatMul"], nodes_to_exclude=activation_matmuls(onnx_model))  # as the pass does
+    quantize_int8(onnx_model, cpu, _images(), layout="ort_cpu", **linear)
+    quantize_int8(onnx_model, trt, _images(), layout="tensorrt", **linear)
+    for path in (cpu, trt):
+        nodes = onnx.load(str(path)).graph.node
+        matmul_outputs = {o for n in nodes if n.op_type == "MatMul" for o in n.output}
+        assert not any(n.op_type == "QuantizeLinear" and n.input[0] in matmul_outputs for n in nodes)
+    cpu_ops = _ort_optimized_ops(cpu, tmp_path)
+    assert "MatMulIntegerToFloat" in cpu_ops and "QLinearMatMul" not in cpu_ops
 
 
 def test_fp16_parity_and_float32_islands(onnx_model: Path, tmp_path: Path) -> None:
@@ -234,7 +260,7 @@ def test_tensorrt_entropy_calibrator_writes_a_cache(onnx_model: Path, tmp_path: 
 
 
 def test_attention_matmuls_can_stay_float_and_dynamic_layout(onnx_model: Path, tmp_path: Path) -> None:
-    from edgevit.quantize.int8 import activation_matmuls, quantize_dynamic_int8
+    from edgevit.quantize.int8 import quantize_dynamic_int8
 
     attn = activation_matmuls(onnx_model)
     assert len(attn) == 4  # q·kᵀ and attn·v in each of the 2 blocks
