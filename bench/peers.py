@@ -370,21 +370,6 @@ def latency(path: Path, runs: int, warmup: int) -> float:
     return json.loads(res.stdout.strip().splitlines()[-1])["median_ms"]
 
 
-def predictions(sess, loader):  # noqa: ANN001, ANN201
-    """Labels and predicted classes over the loader (ONNX Runtime): top-1, and how often an
-    INT8 model picks the same class as FP32, which separates quantization error from which
-    images happen to flip to right or wrong."""
-    import numpy as np
-
-    from edgevit.onnx_io import run_batches
-
-    labels, preds = [], []
-    for images, y in loader:
-        preds.append(run_batches(sess, images.numpy().astype(np.float32)).argmax(-1))
-        labels.append(y.numpy())
-    return np.concatenate(labels), np.concatenate(preds)
-
-
 def int8_nodes(path: Path) -> str:
     from edgevit.onnx_io import op_counts
     from edgevit.quantize.int8 import quantized_nodes
@@ -399,7 +384,7 @@ def int8(args, graph, data, tmp: Path) -> dict:  # noqa: ANN001
     from timm.models.vision_transformer import VisionTransformer
 
     from edgevit.graph import ModelGraph
-    from edgevit.onnx_io import export_onnx, session
+    from edgevit.onnx_io import export_onnx, predictions, session
 
     failed: dict[str, str] = {}
     acc: dict[str, float] = {}

@@ -90,10 +90,17 @@ def run_batches(sess: Any, images: np.ndarray) -> np.ndarray:
     return np.concatenate(outs)
 
 
+def predictions(sess: Any, loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, predicted classes) over the loader: top-1, or agreement between two models."""
+    labels, preds = [], []
+    for images, y in loader:
+        preds.append(run_batches(sess, images.numpy().astype(np.float32)).argmax(-1))
+        labels.append(y.numpy())
+    if not labels:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(labels), np.concatenate(preds)
+
+
 def top1(sess: Any, loader: DataLoader) -> float:
-    correct = total = 0
-    for images, labels in loader:
-        pred = run_batches(sess, images.numpy().astype(np.float32)).argmax(-1)
-        correct += int((pred == labels.numpy()).sum())
-        total += len(labels)
-    return 100.0 * correct / max(total, 1)
+    labels, preds = predictions(sess, loader)
+    return 100.0 * float((preds == labels).sum()) / max(len(labels), 1)

@@ -158,6 +158,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def measured_latency_ms(m: dict[str, Any]) -> float | None:
+    """Median device latency of a measured stage, host<->device copies included when the
+    board script timed them: the predictor's published fit points include copies, so this is
+    the figure to set beside a prediction (in every rendering of the report)."""
+    return (m.get("latency_with_copies_ms") or m.get("latency_ms") or {}).get("median")
+
+
 def prediction_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
     """Predicted vs (when a device result was added) measured, one row per stage."""
     if not any(s.get("predicted") for s in report["stages"]):
@@ -175,8 +182,7 @@ def prediction_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]
                p["verdict"]]
         if measured:
             m = (s.get("measured_on_device") or [{}])[-1]
-            # the fit's published figures include host<->device copies, so compare like with like
-            got = (m.get("latency_with_copies_ms") or m.get("latency_ms") or {}).get("median")
+            got = measured_latency_ms(m)
             err = (100 * (p["latency_ms"] - got) / got) if got and p.get("latency_ms") is not None else None
             row += [fmt(got, ".2f"), fmt(err, "+.1f"), fmt(m.get("top1"), ".2f"), fmt(m.get("peak_mem_mb"), ".0f")]
         rows.append(row)

@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from edgevit.report import DASH, fmt, stage_notes
+from edgevit.report import DASH, fmt, measured_latency_ms, stage_notes
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1180px;
@@ -53,7 +53,7 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[str]]:
                       _cell(verdict or DASH, "ok" if verdict == "deployable" else "bad" if verdict else "")]
         if measured:
             m = (s.get("measured_on_device") or [{}])[-1]
-            cells += [_cell(fmt((m.get("latency_ms") or {}).get("median"), ".2f")), _cell(fmt(m.get("top1"), ".2f")),
+            cells += [_cell(fmt(measured_latency_ms(m), ".2f")), _cell(fmt(m.get("top1"), ".2f")),
                       _cell(fmt(m.get("peak_mem_mb"), ".0f"))]
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return ["<tr>" + "".join(groups) + "</tr>", "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"], rows

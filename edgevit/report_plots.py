@@ -18,6 +18,14 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, out: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out
+
+
 def accuracy_latency(report: dict[str, Any], out: Path) -> Path | None:
     """Top-1 against host latency (and predicted device latency), stages joined in run order."""
     stages = [s for s in report["stages"] if s.get("top1") is not None]
@@ -43,11 +51,7 @@ def accuracy_latency(report: dict[str, Any], out: Path) -> Path | None:
         ax.set_ylabel("top-1 %")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{report['run']}: accuracy against latency, stage by stage")
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def _block_flops(layers: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
@@ -56,7 +60,7 @@ def _block_flops(layers: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
         if x.get("block") is None:
             continue
         attn = x["kind"] == "attention" or ".attn" in x["name"] or ".attention" in x["name"]
-        kind = "attention" if attn else "other" if x["kind"] == "elementwise" else "mlp"
+        kind = "attention" if attn else "mlp"  # the MLP and everything else in the block
         out.setdefault(x["block"], {}).setdefault(kind, 0.0)
         out[x["block"]][kind] += x["flops"] / 1e6
     return out
@@ -74,7 +78,7 @@ def layer_costs(before: dict[str, Any], after: dict[str, Any], out: Path) -> Pat
     for j, (label, data, color) in enumerate(((before["stage"], b, "#9aa5b1"), (after["stage"], a, "#2a9d8f"))):
         xs = [i + (j - 0.5) * width for i in range(len(blocks))]
         att = [data[k].get("attention", 0) for k in blocks]
-        mlp = [data[k].get("mlp", 0) + data[k].get("other", 0) for k in blocks]
+        mlp = [data[k].get("mlp", 0) for k in blocks]
         ax.bar(xs, att, width, color=color, alpha=0.55, label=f"{label}: attention")
         ax.bar(xs, mlp, width, bottom=att, color=color, label=f"{label}: MLP and the rest")
     ax.set_xticks(range(len(blocks)), [f"block {k}" for k in blocks])
@@ -82,8 +86,4 @@ def layer_costs(before: dict[str, Any], after: dict[str, Any], out: Path) -> Pat
     ax.set_title(f"per-block cost before and after {after['stage']}")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)

@@ -81,3 +81,21 @@ def test_html_report_renders_in_headless_chromium(tiny_run: Path, tmp_path: Path
 
     dark = int((np.asarray(img) < 200).sum())
     assert dark > 20_000, dark
+
+
+def test_measured_device_latency_is_the_same_figure_in_markdown_and_html(tmp_path: Path) -> None:
+    """The board script times with and without host copies; every rendering sets the one
+    with copies beside the prediction (the predictor's fit points include copies)."""
+    from edgevit.report import prediction_rows
+    from edgevit.report_html import render_html
+
+    stage = {"stage": "01-export", "name": "export", "top1": 90.0,
+             "predicted": {"profile": "jetson-nano", "precision": "fp16", "latency_ms": 6.0, "memory_mb": 1100,
+                           "verdict": "deployable"},
+             "measured_on_device": [{"latency_ms": {"median": 10.0}, "latency_with_copies_ms": {"median": 12.0},
+                                     "top1": 89.5}]}
+    report = {"run": "r", "host": None, "stages": [stage], "devices": []}
+    md_row = prediction_rows(report)[1][0]
+    assert "12.00" in md_row and "10.00" not in md_row
+    page = render_html(report, tmp_path)
+    assert "<td>12.00</td>" in page and "<td>10.00</td>" not in page
