@@ -89,16 +89,23 @@ def test_nano_prediction_error_per_published_point(nano_points, capsys: pytest.C
 
 
 def test_the_stored_fit_is_what_the_fit_gives(nano_points) -> None:
+    """The stored fit predicts every fitted point as a fresh fit does. Parameter values are
+    not compared: the fit need not fix each efficiency on its own (depth-wise work is a small
+    share of every point), so BLAS differences between CPUs move them without moving any
+    prediction; what the fit determines, and what is stored for use, is the predictions."""
     nano, points, kernels = nano_points
     refit = fit_roofline(nano, points, kernels)
-    for key in ("conv", "dwconv", "matmul", "bandwidth", "kernel_overhead_us"):
-        assert getattr(refit, key) == pytest.approx(getattr(nano.roofline, key), rel=0.05), key
+    fitted = [(p, k) for p, k in zip(points, kernels, strict=True) if not p.heldout]
+    stored = evaluate(nano, nano.roofline, *map(list, zip(*fitted, strict=True)))
+    fresh = evaluate(nano, refit, *map(list, zip(*fitted, strict=True)))
+    for s, f in zip(stored, fresh, strict=True):
+        assert s.predicted_ms == pytest.approx(f.predicted_ms, rel=0.02), (s.point.model, s.point.img_size)
     held = [p for p in points if p.heldout]
     shifted = [p.model_copy(update={"latency_ms": p.latency_ms * 3}) for p in held]
     again = fit_roofline(nano, [p for p in points if not p.heldout] + shifted,
                          [k for p, k in zip(points, kernels, strict=True) if not p.heldout]
                          + [k for p, k in zip(points, kernels, strict=True) if p.heldout])
-    assert again.conv == pytest.approx(refit.conv, rel=1e-3)  # held-out points never move the fit
+    assert again.model_dump() == refit.model_dump()  # held-out points never move the fit
 
 
 @pytest.fixture(scope="module")
