@@ -15,6 +15,7 @@ from edgevit.calib.manifest import build_manifest, verify
 from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
 from edgevit.onnx_io import export_onnx
+from edgevit.quantize.cpu_features import int8_weights_need_reduced_range
 from edgevit.quantize.fp16 import convert_fp16
 from edgevit.quantize.int8 import (
     activation_matmuls,
@@ -78,6 +79,28 @@ def test_calibration_methods_give_different_scales_on_skewed_input(onnx_model: P
     assert s["entropy"] != pytest.approx(s["minmax"]) and s["entropy"] != pytest.approx(s["percentile"])
 
 
+def _reference_logits(path: Path, images: np.ndarray) -> np.ndarray:
+    """Logits by the ONNX QDQ semantics (no graph optimisation: each DequantizeLinear→MatMul
+    runs in float), i.e. what a back end with 32-bit integer accumulation computes."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: images})[0]
+
+
+def _assert_int8_parity(ref: np.ndarray, q: np.ndarray) -> None:
+    """INT8 with per-channel weights costs this random tiny ViT ~2 % RMS of its logit scale
+    (measured 1.6-2.1 % over 3 image seeds, each layout); kernels that saturate (u8×s8 with
+    8-bit weights on an AVX2 CPU) cost 13-33 %, so 6 % separates them on any CPU. Top-1:
+    the model's median top-two margin is 0.28 logit std, so ~2-5 % of images flip at 2 %
+    error (measured 95.3-98.8 % agreement on 256); >= 90 % leaves twice that many flips."""
+    rel = float(np.sqrt(np.mean((q - ref) ** 2)) / ref.std())
+    assert rel < 0.06, f"INT8 logits off by {rel:.1%} RMS of the logit scale"
+    assert (q.argmax(1) == ref.argmax(1)).mean() >= 0.9
+
+
 def test_layouts(onnx_model: Path, tmp_path: Path) -> None:
     trt, cpu = tmp_path / "trt.onnx", tmp_path / "cpu.onnx"
     quantize_int8(onnx_model, trt, _images(), layout="tensorrt")
@@ -87,9 +110,28 @@ def test_layouts(onnx_model: Path, tmp_path: Path) -> None:
     assert all(i.data_type == onnx.TensorProto.FLOAT for i in onnx.load(str(trt)).graph.initializer
                if i.name.endswith("bias"))  # biases stay float for TensorRT
     assert any(z.dtype == np.uint8 for z in zero_points(cpu))
-    ref = logits(onnx_model, _images(16, 1))
-    for path in (trt, cpu):
-        assert (logits(path, _images(16, 1)).argmax(1) == ref.argmax(1)).mean() >= 0.75
+    x = _images(256, 1)
+    ref = logits(onnx_model, x)
+    _assert_int8_parity(ref, _reference_logits(trt, x))  # TensorRT's arithmetic, not ORT's x86 kernels
+    _assert_int8_parity(ref, logits(cpu, x))  # ONNX Runtime's kernels on this CPU
+
+
+def _max_int8_weight(path: Path) -> int:
+    from onnx import numpy_helper
+
+    return max(int(np.abs(numpy_helper.to_array(i).astype(np.int32)).max())
+               for i in onnx.load(str(path)).graph.initializer if i.data_type == onnx.TensorProto.INT8 and i.dims)
+
+
+def test_reduced_range_weights_are_7_bit_and_chosen_by_the_cpu(onnx_model: Path, tmp_path: Path) -> None:
+    full, reduced = tmp_path / "full.onnx", tmp_path / "reduced.onnx"
+    quantize_int8(onnx_model, full, _images(), layout="ort_cpu", reduce_range=False)
+    quantize_int8(onnx_model, reduced, _images(), layout="ort_cpu", reduce_range=True)
+    assert _max_int8_weight(full) == 127 and _max_int8_weight(reduced) <= 64
+    assert int8_weights_need_reduced_range("x86_64", frozenset({"avx2", "fma"}))  # AMD Zen 3, Intel Haswell
+    assert not int8_weights_need_reduced_range("x86_64", frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    assert not int8_weights_need_reduced_range("x86_64", frozenset({"avx2", "avx_vnni"}))  # Alder Lake
+    assert not int8_weights_need_reduced_range("aarch64", frozenset())
 
 
 def _ort_optimized_ops(path: Path, tmp_path: Path) -> set[str]:
@@ -271,8 +313,8 @@ def test_attention_matmuls_can_stay_float_and_dynamic_layout(onnx_model: Path, t
     quantize_dynamic_int8(onnx_model, dyn)
     kinds = {n.op_type for n in onnx.load(str(dyn)).graph.node}
     assert "DynamicQuantizeLinear" in kinds or "MatMulInteger" in kinds
-    ref = logits(onnx_model, _images(16, 1))
-    assert (logits(dyn, _images(16, 1)).argmax(1) == ref.argmax(1)).mean() >= 0.75
+    x = _images(256, 1)
+    _assert_int8_parity(logits(onnx_model, x), logits(dyn, x))
 
 
 def test_dynamic_layout_through_the_pass(tmp_path: Path) -> None:
@@ -281,4 +323,5 @@ def test_dynamic_layout_through_the_pass(tmp_path: Path) -> None:
     run_pipeline(data, tmp_path / "run")
     m = json.loads((tmp_path / "run" / "03-quantize" / "metrics.json").read_text())["metrics"]
     assert m["layout"] == "ort_cpu_dynamic" and m["calibration"] is None and len(m["kept_float"]) == 4
-    assert m["top1_agreement"] >= 0.9
+    assert m["reduce_range"] == int8_weights_need_reduced_range()
+    assert m["top1_agreement"] >= 0.9  # 1.0 measured; 0.90 with saturating 8-bit weights on AVX2

@@ -16,6 +16,7 @@ from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
 from edgevit.onnx_io import export_onnx, op_counts
 from edgevit.passes.base import Pass, PassConfig
+from edgevit.quantize.cpu_features import int8_weights_need_reduced_range
 from edgevit.quantize.fp16 import KEEP_FP32, convert_fp16
 from edgevit.quantize.int8 import (
     activation_matmuls,
@@ -39,6 +40,9 @@ class QuantizeConfig(PassConfig):
         "with u8 activations; ort_cpu_dynamic: int8 weights, activations quantized at run time (no calibration; "
         "as fast as ort_cpu within a few % on the x86 CPU measured here); auto: tensorrt for a TensorRT profile, "
         "else ort_cpu")
+    reduce_range: bool | None = Field(
+        None, description="ort_cpu layouts: 7-bit weights, which x86 CPUs without VNNI need (their u8×s8 kernels "
+        "saturate with 8-bit weights); default: whether this host's CPU lacks VNNI")
     quantize_attention: bool | None = Field(
         None, description="also quantize attention's activation×activation MatMuls (q·kᵀ, attn·v); default: "
         "not for ort_cpu layouts (no faster on ONNX Runtime CPU, and less accurate on the reference teacher), yes "
@@ -125,18 +129,21 @@ class QuantizePass(Pass):
         if unknown:
             raise EdgeVitError(f"passes.quantize: no quantizable node named {unknown[0]!r}; names look like "
                                f"{', '.join(candidates[:3])}")
+        reduce_range = layout != "tensorrt" and (
+            cfg.reduce_range if cfg.reduce_range is not None else int8_weights_need_reduced_range())
+        self.metrics["reduce_range"] = reduce_range
         if layout == "ort_cpu_dynamic":
             if cfg.accuracy_budget is not None:
                 raise EdgeVitError("passes.quantize.accuracy_budget: works with static layouts (tensorrt, ort_cpu)")
             out = ctx.stage_dir / "model.int8.onnx"
-            quantize_dynamic_int8(pre, out, op_types, cfg.exclude_nodes + skip)
+            quantize_dynamic_int8(pre, out, op_types, cfg.exclude_nodes + skip, reduce_range)
             pre.unlink()
             self.metrics.update({"layout": layout, "calibration": None, "kept_float": cfg.exclude_nodes + skip})
             return out
         calib = ctx.calibration()[0].numpy()
         cache = calibrate(pre, calib, ctx.stage_dir / "calibration.ranges.json", cfg.calibration, cfg.percentile,
                           layout, op_types)
-        qargs = dict(method=cfg.calibration, layout=layout, op_types=op_types, cache=cache)
+        qargs = dict(method=cfg.calibration, layout=layout, op_types=op_types, cache=cache, reduce_range=reduce_range)
         out = ctx.stage_dir / "model.int8.onnx"
         kept: list[str] = []
         if cfg.accuracy_budget is not None:

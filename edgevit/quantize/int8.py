@@ -19,6 +19,7 @@ import onnx
 
 from edgevit.errors import EdgeVitError
 from edgevit.fileio import atomic_path
+from edgevit.quantize.cpu_features import int8_weights_need_reduced_range
 
 Method = Literal["minmax", "percentile", "entropy"]
 Layout = Literal["tensorrt", "ort_cpu", "ort_cpu_dynamic"]
@@ -61,15 +62,18 @@ def activation_matmuls(path: Path) -> list[str]:
 
 
 def quantize_dynamic_int8(src: Path, dst: Path, op_types: list[str] | None = None,
-                          nodes_to_exclude: list[str] | None = None) -> None:
+                          nodes_to_exclude: list[str] | None = None, reduce_range: bool | None = None) -> None:
     """INT8 weights, activations quantized on the fly per batch (ONNX Runtime's
-    DynamicQuantizeMatMul): no calibration, and on x86 CPUs often the fastest INT8 form."""
+    DynamicQuantizeMatMul): no calibration. ``reduce_range`` (7-bit weights; default: on an
+    x86 CPU without VNNI, see :mod:`edgevit.quantize.cpu_features`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    if reduce_range is None:
+        reduce_range = int8_weights_need_reduced_range()
     with atomic_path(Path(dst)) as tmp:
         quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8,
                          op_types_to_quantize=[t for t in (op_types or ["MatMul", "Gemm"]) if t != "Conv"],
-                         nodes_to_exclude=nodes_to_exclude or [], per_channel=False)
+                         nodes_to_exclude=nodes_to_exclude or [], per_channel=False, reduce_range=reduce_range)
 
 
 def quantizable_nodes(path: Path, op_types: list[str]) -> list[str]:
@@ -117,13 +121,19 @@ def quantize_int8(
     nodes_to_exclude: list[str] | None = None,
     batch: int = 32,
     cache: Path | None = None,
+    reduce_range: bool | None = None,
 ) -> None:
     """Quantize the (pre-processed) float model ``src`` into ``dst`` (written atomically),
-    calibrating on ``images`` unless a ``cache`` from :func:`calibrate` is given."""
+    calibrating on ``images`` unless a ``cache`` from :func:`calibrate` is given.
+    ``reduce_range``: 7-bit weights; default: for ``ort_cpu`` on an x86 CPU without VNNI,
+    whose u8×s8 kernels saturate otherwise (:mod:`edgevit.quantize.cpu_features`); never
+    for ``tensorrt``, whose kernels accumulate in 32 bits."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     calib = _ort_method(method)
     trt = layout == "tensorrt"
+    if reduce_range is None:
+        reduce_range = not trt and int8_weights_need_reduced_range()
     op_types = op_types or ["MatMul", "Gemm", "Conv"]
     extra: dict[str, Any] = {
         "ActivationSymmetric": trt,
@@ -149,6 +159,7 @@ def quantize_int8(
                 nodes_to_quantize=nodes_to_quantize or None,
                 nodes_to_exclude=nodes_to_exclude or [],
                 per_channel=True,
+                reduce_range=reduce_range,
                 activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=calib,
