@@ -78,6 +78,51 @@ def vit_small_seconds(device: str) -> tuple[float, list]:
     return time.perf_counter() - t0, log
 
 
+def vit_b_layer_seconds(device: str, tokens: int, sizes: str) -> list[str]:
+    """OSSCAR on ViT-B-sized layers with synthetic inputs (a few outlier channels, as ViT fc2
+    inputs have): fc2 (3072 units → 768) and the output projection (12 heads × 64 → 768),
+    half of each kept. Gram accumulation and selection + re-fit timed apart, float64 on
+    ``device``; ``sizes``: official (10 units / 2 heads per greedy step, 10 / 5 per swap) or
+    old (the pre-issue-20 defaults: (n − keep)//32 per step, n//16 per swap)."""
+    import torch
+
+    from edgevit.prune.osscar import GramAccumulator, osscar_prune
+
+    dev = torch.device("cpu" if device == "auto" else device)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    lines = []
+    for name, d_in, n, width in (("fc2 3072→768", 3072, 3072, 1), ("proj 12×64→768", 768, 12, 64)):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(tokens, d_in, generator=g)
+        x[:, :8] *= 30  # outlier channels
+        w = torch.randn(d_in + 1, 768, generator=g, dtype=torch.float64) / d_in ** 0.5
+        groups = torch.arange(d_in).reshape(n, width)
+        keep = n // 2
+        if sizes == "official":
+            step, swap = (10, 10) if width == 1 else (2, 5)
+        else:
+            step, swap = max(1, (n - keep) // 32), max(1, n // 16)
+        sync()
+        t0 = time.perf_counter()
+        acc = GramAccumulator(d_in, dev)
+        for start in range(0, tokens, 4096):
+            acc.add(x[start:start + 4096].to(dev))
+        h = acc.gram(1e-2)
+        sync()
+        t1 = time.perf_counter()
+        res = osscar_prune(h, w.to(dev), groups, keep, torch.tensor([d_in]), greedy_step=step, swap_size=swap)
+        sync()
+        t2 = time.perf_counter()
+        lines.append(f"osscar {name}, keep {keep} of {n}, {tokens} tokens, {sizes} sizes (greedy {step}, swap "
+                     f"{swap}) on {dev}: gram {t1 - t0:.2f} s, select + re-fit {t2 - t1:.2f} s, "
+                     f"objective {res.objective:.6g} (greedy {res.greedy_objective:.6g}, {res.swaps} swaps)")
+    return lines
+
+
 def peak_rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -122,8 +167,16 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "bench-prune"
                     / "prune_top1.png", help="where to save the top-1 vs ratio plot")
     ap.add_argument("--vit-small-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--vit-b-layer-only", action="store_true",
+                    help="only time OSSCAR on ViT-B-sized fc2 and output-projection layers (synthetic inputs)")
+    ap.add_argument("--tokens", type=int, default=16384, help="--vit-b-layer-only: calibration tokens")
+    ap.add_argument("--sizes", choices=("official", "old"), default="official",
+                    help="--vit-b-layer-only: OSSCAR step sizes")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.vit_b_layer_only:
+        print("\n".join(vit_b_layer_seconds(args.device, args.tokens, args.sizes)))
+        return
     if args.vit_small_only:  # in its own process, so its peak memory is its own
         secs, log = vit_small_seconds(args.device)
         per_block = ", ".join(f"{e['seconds']:.1f}" for e in log)
