@@ -350,3 +350,35 @@ def test_recovery_distils_from_a_named_teacher(tmp_path: Path, monkeypatch: pyte
     assert all(torch.equal(seen[0][k], saved[k]) for k in saved)  # the named teacher's weights
     assert not all(torch.equal(seen[0][k], adapted[k]) for k in adapted)  # not the unpruned model's
     assert set(m["recover"]["log"][0]) >= {"ce", "kd"}
+
+
+def test_latency_target_probes_each_shape_once_with_one_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One ONNX Runtime session per distinct pruned shape, and the same prediction the
+    predictor gives for the chosen shape."""
+    import onnxruntime as ort
+    from timm.models.vision_transformer import VisionTransformer
+
+    from edgevit.predict.device import predict_graph_latency
+    from edgevit.profiles import load_profile
+
+    profile = load_profile("jetson-nano")
+    kw = dict(img_size=64, patch_size=4, num_classes=10, embed_dim=128, depth=2, num_heads=4, mlp_ratio=4.0)
+    g = ModelGraph.from_module(VisionTransformer(**kw).eval(), {"architecture": "VisionTransformer", "kwargs": kw})
+    sessions = []
+    real = ort.InferenceSession
+
+    def counting(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        sessions.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", counting)
+    counts, aim = plan(g, PlanConfig(target=Target(metric="latency", keep=0.9), round_to=4), profile)
+    assert len(sessions) == aim["latency_probes"] <= 12
+    monkeypatch.setattr(ort, "InferenceSession", real)
+    pruned = g.clone()
+    for blk, (nh, nu) in zip(list(pruned.spec.blocks), counts, strict=True):
+        pruned.keep_heads(blk.index, range(nh))
+        pruned.keep_mlp_units(blk.index, range(nu))
+    assert aim["predicted_ms_after"] == pytest.approx(predict_graph_latency(pruned, profile), abs=1e-3)
+    assert aim["predicted_ms_before"] == pytest.approx(predict_graph_latency(g, profile), abs=1e-3)
+    assert aim["predicted_ms_after"] <= 0.9 * aim["predicted_ms_before"]
