@@ -78,6 +78,51 @@ def vit_small_seconds(device: str) -> tuple[float, list]:
     return time.perf_counter() - t0, log
 
 
+def vit_b_layer_seconds(device: str, tokens: int, sizes: str) -> list[str]:
+    """OSSCAR on ViT-B-sized layers with synthetic inputs (a few outlier channels, as ViT fc2
+    inputs have): fc2 (3072 units → 768) and the output projection (12 heads × 64 → 768),
+    half of each kept. Gram accumulation and selection + re-fit timed apart, float64 on
+    ``device``; ``sizes``: official (10 units / 2 heads per greedy step, 10 / 5 per swap) or
+    old (the pre-issue-20 defaults: (n − keep)//32 per step, n//16 per swap)."""
+    import torch
+
+    from edgevit.prune.osscar import GramAccumulator, osscar_prune
+
+    dev = torch.device("cpu" if device == "auto" else device)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    lines = []
+    for name, d_in, n, width in (("fc2 3072→768", 3072, 3072, 1), ("proj 12×64→768", 768, 12, 64)):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(tokens, d_in, generator=g)
+        x[:, :8] *= 30  # outlier channels
+        w = torch.randn(d_in + 1, 768, generator=g, dtype=torch.float64) / d_in ** 0.5
+        groups = torch.arange(d_in).reshape(n, width)
+        keep = n // 2
+        if sizes == "official":
+            step, swap = (10, 10) if width == 1 else (2, 5)
+        else:
+            step, swap = max(1, (n - keep) // 32), max(1, n // 16)
+        sync()
+        t0 = time.perf_counter()
+        acc = GramAccumulator(d_in, dev)
+        for start in range(0, tokens, 4096):
+            acc.add(x[start:start + 4096].to(dev))
+        h = acc.gram(1e-2)
+        sync()
+        t1 = time.perf_counter()
+        res = osscar_prune(h, w.to(dev), groups, keep, torch.tensor([d_in]), greedy_step=step, swap_size=swap)
+        sync()
+        t2 = time.perf_counter()
+        lines.append(f"osscar {name}, keep {keep} of {n}, {tokens} tokens, {sizes} sizes (greedy {step}, swap "
+                     f"{swap}) on {dev}: gram {t1 - t0:.2f} s, select + re-fit {t2 - t1:.2f} s, "
+                     f"objective {res.objective:.6g} (greedy {res.greedy_objective:.6g}, {res.swaps} swaps)")
+    return lines
+
+
 def peak_rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -119,11 +164,22 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=512, help="calibration images (train split, class-stratified)")
     ap.add_argument("--runs", type=int, default=200, help="latency runs per model")
     ap.add_argument("--skip-vit-small", action="store_true")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                    help="which methods to run (the others print as nan)")
+    ap.add_argument("--skip-latency", action="store_true", help="no ONNX Runtime latency of the pruned models")
     ap.add_argument("--plot", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "bench-prune"
                     / "prune_top1.png", help="where to save the top-1 vs ratio plot")
     ap.add_argument("--vit-small-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--vit-b-layer-only", action="store_true",
+                    help="only time OSSCAR on ViT-B-sized fc2 and output-projection layers (synthetic inputs)")
+    ap.add_argument("--tokens", type=int, default=16384, help="--vit-b-layer-only: calibration tokens")
+    ap.add_argument("--sizes", choices=("official", "old"), default="official",
+                    help="--vit-b-layer-only: OSSCAR step sizes")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.vit_b_layer_only:
+        print("\n".join(vit_b_layer_seconds(args.device, args.tokens, args.sizes)))
+        return
     if args.vit_small_only:  # in its own process, so its peak memory is its own
         secs, log = vit_small_seconds(args.device)
         per_block = ", ".join(f"{e['seconds']:.1f}" for e in log)
@@ -153,6 +209,9 @@ def main() -> None:
     for what in ("mlp", "heads"):
         for ratio in RATIOS:
             for method in METHODS:
+                if method not in args.methods:
+                    results[(what, method, ratio)] = (float("nan"), float("nan"))
+                    continue
                 g, seconds, m = prune(teacher, ctx, method=method, **{what: ratio})
                 top1 = evaluate_top1(g.module.to(ctx.device), ctx.data.val_loader(), ctx.device)
                 g.module.cpu()
@@ -177,14 +236,16 @@ def main() -> None:
     if saved:
         print(f"plot: {saved}")
 
-    lat = {"unpruned": latency(teacher, tmp, "unpruned", args.runs)}
-    lat["mlp50"] = latency(pruned50["mlp"], tmp, "mlp50", args.runs)
-    lat["heads50"] = latency(pruned50["heads"], tmp, "heads50", args.runs)
-    lat["heads+mlp50"] = latency(both, tmp, "both50", args.runs)
-    print("\nONNX Runtime CPU latency, batch 1, median of "
-          f"{args.runs} runs after warm-up ({os.cpu_count()} cores):")
-    for name, ms in lat.items():
-        print(f"  {name:<12} {ms:7.3f} ms   speed-up ×{lat['unpruned'] / ms:.2f}")
+    lat = {"unpruned": float("nan"), "heads+mlp50": float("nan")}
+    if not args.skip_latency and "osscar" in args.methods:
+        lat = {"unpruned": latency(teacher, tmp, "unpruned", args.runs)}
+        lat["mlp50"] = latency(pruned50["mlp"], tmp, "mlp50", args.runs)
+        lat["heads50"] = latency(pruned50["heads"], tmp, "heads50", args.runs)
+        lat["heads+mlp50"] = latency(both, tmp, "both50", args.runs)
+        print("\nONNX Runtime CPU latency, batch 1, median of "
+              f"{args.runs} runs after warm-up ({os.cpu_count()} cores):")
+        for name, ms in lat.items():
+            print(f"  {name:<12} {ms:7.3f} ms   speed-up ×{lat['unpruned'] / ms:.2f}")
 
     if not args.skip_vit_small:
         res = subprocess.run([sys.executable, __file__, "--vit-small-only", "--device", args.device],

@@ -255,3 +255,49 @@ def test_a_cnn_teacher_from_a_model_source_runs_in_the_pipeline(tmp_path: Path) 
     data["passes"] = data["passes"][1:2]
     with pytest.raises(EdgeVitError, match="gives logits only"):
         run_pipeline(data, tmp_path / "run2")
+
+
+def test_kd_loss_mse_is_the_mean_squared_error_of_the_logits() -> None:
+    """Logits shifted by a constant have the same softmax (KL 0) but not the same values (MSE c²)."""
+    from edgevit.distill.objective import logit_distillation
+
+    t = torch.randn(4, 10)
+    assert float(logit_distillation(LossConfig(kd_loss="mse"), t + 1.5, t)) == pytest.approx(2.25, rel=1e-6)
+    assert float(logit_distillation(LossConfig(kd_loss="kl"), t + 1.5, t)) == pytest.approx(0.0, abs=1e-5)
+    teacher = _timm()
+    student, _ = shrink(teacher, ShrinkConfig(depth=2))
+    obj = _objective(LossConfig(**{**OFF, "kd": 2.0, "kd_loss": "mse"}), student, teacher)
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        _, terms = obj(student.module.eval(), images, torch.zeros(3, dtype=torch.long))
+        expected = 2.0 * torch.nn.functional.mse_loss(student.module(images), teacher.module(images))
+    obj.close()
+    assert terms["kd"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_mgd_rebuilds_a_masked_token_from_its_neighbours() -> None:
+    """The masked token's own features never reach its reconstruction, its kept neighbours do
+    (a per-token generator could only return a constant there)."""
+    teacher = _timm()
+    student, _ = shrink(teacher, ShrinkConfig(depth=2))
+    obj = _objective(LossConfig(**{**OFF, "mgd": 1.0, "mask_ratio": 0.5}), student, teacher)
+    gen = obj.generators["1"]
+    obj.close()
+    rows, cols = gen.grid
+    checked = 0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        m = gen.mask(1, torch.device("cpu")).flatten()
+        for j in torch.nonzero(m == 0).flatten().tolist():
+            r, c = divmod(j, cols)
+            near = [nr * cols + nc for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1))
+                    if 0 <= nr < rows and 0 <= nc < cols and m[nr * cols + nc] == 1]
+            if not near:
+                continue
+            x = torch.randn(1, rows * cols, 32, requires_grad=True)
+            torch.manual_seed(seed)
+            gen(x)[0, j].sum().backward()
+            assert torch.all(x.grad[0, j] == 0)  # masked: unseen
+            assert all(x.grad[0, k].abs().sum() > 0 for k in near)  # rebuilt from its kept neighbours
+            checked += 1
+    assert checked >= 4

@@ -195,3 +195,190 @@ def test_global_allocation_takes_from_the_weakest_block_and_keeps_a_floor() -> N
         from edgevit.passes.prune import PrunePass
 
         PrunePass(PrunePass.Config(method="osscar", allocation="global", mlp=0.5)).run(g, None)  # type: ignore[arg-type]
+
+
+def _scaled_problem(seed: int, scale_group: int, c: float, groups: torch.Tensor, d: int = 12, m: int = 5):
+    """The same layer twice: as drawn, and with group ``scale_group``'s input columns × c and
+    its weight rows ÷ c (the same function)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(300, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+    w = torch.randn(d + 1, m, generator=g, dtype=torch.float64)
+    cols = groups[scale_group]
+    xs, ws = x.clone(), w.clone()
+    xs[:, cols] *= c
+    ws[cols] /= c
+    out = []
+    for xx, ww in ((x, w), (xs, ws)):
+        acc = GramAccumulator(d)
+        acc.add(xx)
+        out.append((acc.gram(1e-2), ww))
+    assert torch.allclose(torch.cat([x, torch.ones(300, 1, dtype=x.dtype)], 1) @ w,
+                          torch.cat([xs, torch.ones(300, 1, dtype=x.dtype)], 1) @ ws)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(6, 2), (12, 1)])
+def test_osscar_choice_does_not_depend_on_activation_scale(shape: tuple[int, int]) -> None:
+    """×100 inputs and ÷100 weights on one group is the same layer: the same choice and objective
+    (a ridge λ·mean(diag)·I fails this: the scaled group's ridge shrinks, the others' grows)."""
+    groups = torch.arange(12).reshape(*shape)
+    fixed = torch.tensor([12])
+    for seed in range(6):
+        (h, w), (hs, ws) = _scaled_problem(seed, seed % shape[0], 100.0, groups)
+        for keep in (shape[0] // 3, shape[0] // 2):
+            a = osscar_prune(h, w, groups, keep, fixed, greedy_step=1, swap_size=2)
+            b = osscar_prune(hs, ws, groups, keep, fixed, greedy_step=1, swap_size=2)
+            assert a.keep == b.keep, (seed, keep)
+            assert b.objective == pytest.approx(a.objective, rel=1e-7)
+
+
+def _small_vit(mlp_ratio: float = 2.0, seed: int = 0) -> ModelGraph:
+    from timm.models.vision_transformer import VisionTransformer
+
+    kw = dict(img_size=16, patch_size=4, num_classes=3, embed_dim=32, depth=2, num_heads=4, mlp_ratio=mlp_ratio)
+    torch.manual_seed(seed)
+    module = VisionTransformer(**kw).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return ModelGraph.from_module(module, {"architecture": "VisionTransformer", "kwargs": kw})
+
+
+def test_osscar_model_keeps_the_same_heads_when_one_head_is_rescaled() -> None:
+    """Head h's value rows × 100 and its output-projection columns ÷ 100: the same model, so
+    the same heads stay in every block and the pruned models agree."""
+    images = torch.randn(48, 3, 16, 16)
+    flips = 0
+    for seed in range(3):
+        g = _small_vit(seed=seed)
+        scaled = g.clone()
+        for blk in scaled.spec.blocks:
+            a, h = blk.attn, seed % blk.attn.num_heads
+            rows = slice(2 * a.attn_dim + h * a.head_dim, 2 * a.attn_dim + (h + 1) * a.head_dim)
+            qkv, proj = scaled.module.get_submodule(a.qkv), scaled.module.get_submodule(a.proj)
+            with torch.no_grad():
+                qkv.weight[rows] *= 100
+                qkv.bias[rows] *= 100
+                proj.weight[:, h * a.head_dim:(h + 1) * a.head_dim] /= 100
+        assert torch.allclose(scaled.module(images), g.module(images), atol=1e-5)
+        counts = [(2, b.mlp.hidden) for b in g.spec.blocks]
+        log = osscar_model(g, counts, images, torch.device("cpu"))
+        log_s = osscar_model(scaled, counts, images, torch.device("cpu"))
+        assert [e["heads_kept"] for e in log_s] == [e["heads_kept"] for e in log]
+        assert torch.allclose(scaled.module(images), g.module(images), atol=1e-4)
+        flips += [e["heads_kept"] for e in log_s] != [e["heads_kept"] for e in log]
+    assert flips == 0
+
+
+def _brute_force_best(block_in: list[torch.Tensor], block: torch.nn.Module, path: str, graph: ModelGraph,
+                      groups: torch.Tensor, keep: int) -> tuple[list[int], float]:
+    """Every ``keep``-subset of ``groups``, each with its ridge least-squares re-fit."""
+    linear = graph.module.get_submodule(path)
+    acc = GramAccumulator(linear.in_features)
+    hook = linear.register_forward_pre_hook(lambda _m, a: acc.add(a[0]))
+    run_block(block, block_in)
+    hook.remove()
+    h = acc.gram(1e-2)
+    w = torch.cat([linear.weight.detach().T, linear.bias.detach()[None]]).double()
+    fixed = torch.tensor([linear.in_features])
+    scored = [(selection_objective(h, w, torch.cat([groups[list(c)].reshape(-1), fixed]), True), list(c))
+              for c in itertools.combinations(range(groups.shape[0]), keep)]
+    best = min(scored)
+    return best[1], best[0]
+
+
+def test_osscar_model_picks_the_brute_force_best_heads_and_units_in_every_block() -> None:
+    """Whole model, block by block on the pruned predecessors' outputs: every head set and every
+    unit set OSSCAR keeps is the best of all subsets (a norm-based selector is not)."""
+    import copy
+
+    from edgevit.prune.groups import unit_columns
+
+    images = torch.randn(64, 3, 16, 16)
+    for seed in range(2):
+        original = _small_vit(mlp_ratio=0.25, seed=seed)  # 4 heads of 8, 8 MLP units per block
+        g = original.clone()
+        counts = [(2, 4) for _ in g.spec.blocks]
+        log = osscar_model(g, counts, images, torch.device("cpu"), batch=64)
+        xs = block0_inputs(original, images, torch.device("cpu"), 64)
+        for b, entry in enumerate(log):
+            blk = original.spec.block(b)
+            block = copy.deepcopy(original.module.get_submodule(blk.path))
+            host = original.clone()  # the unpruned block b, fed by the pruned blocks before it
+            heads, value = _brute_force_best(xs, host.module.get_submodule(blk.path), blk.attn.proj, host,
+                                             head_columns(blk), 2)
+            assert entry["heads_kept"] == heads and entry["heads_objective"] == pytest.approx(value, rel=1e-9)
+            hybrid = g.clone()  # block b with its pruned, re-fitted attention and its original MLP
+            pruned_block = hybrid.module.get_submodule(blk.path)
+            pruned_block.mlp = block.mlp
+            units, value = _brute_force_best(xs, pruned_block, blk.mlp.fc2, hybrid, unit_columns(blk), 4)
+            assert entry["units_objective"] == pytest.approx(value, rel=1e-9)
+            kept_fc1 = g.module.get_submodule(g.spec.block(b).mlp.fc1).weight
+            assert torch.allclose(kept_fc1, block.mlp.fc1.weight[units])  # the same units stayed
+            xs = run_block(g.module.get_submodule(blk.path), xs)
+
+
+def test_recovery_distils_from_a_named_teacher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """recover.teacher: an earlier run's stage directory is the teacher, not the unpruned model."""
+    from safetensors.torch import load_file
+
+    import edgevit.passes.prune as prune_pass
+
+    first = tiny_recipe_data(passes=[{"adapt": {"epochs": 1, "lr": 0.003, "warmup_epochs": 0}}], seed=1)
+    run_pipeline(first, tmp_path / "teacher")
+    stage = tmp_path / "teacher" / "01-adapt"
+    seen = []
+
+    class Spy(prune_pass.DistillObjective):
+        def __init__(self, cfg, student, s_spec, teacher, *a, **kw) -> None:  # noqa: ANN001, ANN002, ANN003
+            seen.append({k: v.detach().cpu().clone() for k, v in teacher.state_dict().items()})
+            super().__init__(cfg, student, s_spec, teacher, *a, **kw)
+
+    monkeypatch.setattr(prune_pass, "DistillObjective", Spy)
+    data = tiny_recipe_data(passes=[
+        {"adapt": {"epochs": 2, "lr": 0.003, "warmup_epochs": 0}},
+        {"prune": {"method": "magnitude", "mlp": 0.5, "recover": {
+            "epochs": 1, "lr": 0.001, "warmup_epochs": 0, "kd_loss": "mse",
+            "teacher": {"source": "edgevit", "path": str(stage)}}}},
+    ])
+    run_pipeline(data, tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "02-prune" / "metrics.json").read_text())["metrics"]
+    assert m["recover_teacher"] == {"source": "edgevit", "path": str(stage)}
+    saved, adapted = load_file(str(stage / "model.safetensors")), load_file(
+        str(tmp_path / "run" / "01-adapt" / "model.safetensors"))
+    assert len(seen) == 1 and seen[0].keys() == saved.keys()
+    assert all(torch.equal(seen[0][k], saved[k]) for k in saved)  # the named teacher's weights
+    assert not all(torch.equal(seen[0][k], adapted[k]) for k in adapted)  # not the unpruned model's
+    assert set(m["recover"]["log"][0]) >= {"ce", "kd"}
+
+
+def test_latency_target_probes_each_shape_once_with_one_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One ONNX Runtime session per distinct pruned shape, and the same prediction the
+    predictor gives for the chosen shape."""
+    import onnxruntime as ort
+    from timm.models.vision_transformer import VisionTransformer
+
+    from edgevit.predict.device import predict_graph_latency
+    from edgevit.profiles import load_profile
+
+    profile = load_profile("jetson-nano")
+    kw = dict(img_size=64, patch_size=4, num_classes=10, embed_dim=128, depth=2, num_heads=4, mlp_ratio=4.0)
+    g = ModelGraph.from_module(VisionTransformer(**kw).eval(), {"architecture": "VisionTransformer", "kwargs": kw})
+    sessions = []
+    real = ort.InferenceSession
+
+    def counting(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        sessions.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", counting)
+    counts, aim = plan(g, PlanConfig(target=Target(metric="latency", keep=0.9), round_to=4), profile)
+    assert len(sessions) == aim["latency_probes"] <= 12
+    monkeypatch.setattr(ort, "InferenceSession", real)
+    pruned = g.clone()
+    for blk, (nh, nu) in zip(list(pruned.spec.blocks), counts, strict=True):
+        pruned.keep_heads(blk.index, range(nh))
+        pruned.keep_mlp_units(blk.index, range(nu))
+    assert aim["predicted_ms_after"] == pytest.approx(predict_graph_latency(pruned, profile), abs=1e-3)
+    assert aim["predicted_ms_before"] == pytest.approx(predict_graph_latency(g, profile), abs=1e-3)
+    assert aim["predicted_ms_after"] <= 0.9 * aim["predicted_ms_before"]

@@ -1,5 +1,6 @@
-"""The distillation loss: cross-entropy + logit KD + feature mimicking (shallow blocks) +
-masked generative distillation (deep blocks) + an optional DeiT distillation-token term.
+"""The distillation loss: cross-entropy + logit KD (KL of softened outputs, or the MSE of
+logits as Youn et al. 2023 use) + feature mimicking (shallow blocks) + masked generative
+distillation (deep blocks) + an optional DeiT distillation-token term.
 
 Every term has its own weight (0 = off). Projectors and generators are built here, trained
 with the student through :meth:`DistillObjective.modules` and never become part of it.
@@ -25,8 +26,11 @@ class LossConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     ce: float = Field(1.0, ge=0, description="cross-entropy on the labels")
-    kd: float = Field(1.0, ge=0, description="logit KD: KL of temperature-softened outputs, × T²")
-    temperature: float = Field(4.0, gt=0)
+    kd: float = Field(1.0, ge=0, description="logit KD weight (the loss is `kd_loss`)")
+    kd_loss: Literal["kl", "mse"] = Field(
+        "kl", description="kl: KL of temperature-softened outputs × T² (Hinton et al.); mse: mean squared error "
+        "of the logits (Youn et al. 2023; temperature unused)")
+    temperature: float = Field(4.0, gt=0, description="kd_loss kl: softening temperature")
     feature: float = Field(1.0, ge=0, description="feature mimicking: token MSE on shallow blocks")
     feature_layers: dict[int, int] | None = Field(
         None, description="student block → teacher block; default: the first half of the student's blocks, "
@@ -64,6 +68,16 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     t = temperature
     return F.kl_div(F.log_softmax(student.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
                     reduction="batchmean", log_target=True) * (t * t)
+
+
+def logit_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Youn et al. 2023: the mean squared error between student and teacher logits."""
+    return F.mse_loss(student.float(), teacher.float())
+
+
+def logit_distillation(cfg: LossConfig, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The configured logit KD term (unweighted)."""
+    return logit_mse(student, teacher) if cfg.kd_loss == "mse" else kd_loss(student, teacher, cfg.temperature)
 
 
 class TokenLayout:
@@ -198,12 +212,12 @@ class DistillObjective:
                 terms["ce"] = cfg.ce * self.ce(cls_logits, labels)
             if cfg.kd > 0:
                 terms["kd"] = cfg.kd * (F.cross_entropy(dist_logits, t_logits.argmax(-1)) if cfg.dist_token == "hard"
-                                        else kd_loss(dist_logits, t_logits, cfg.temperature))
+                                        else logit_distillation(cfg, dist_logits, t_logits))
         else:
             if cfg.ce > 0:
                 terms["ce"] = cfg.ce * self.ce(logits, labels)
             if cfg.kd > 0:
-                terms["kd"] = cfg.kd * kd_loss(logits, t_logits, cfg.temperature)
+                terms["kd"] = cfg.kd * logit_distillation(cfg, logits, t_logits)
         if self.feature_layers:
             losses = [self._mimic(si, ti) for si, ti in self.feature_layers.items()]
             terms["feat"] = cfg.feature * torch.stack(losses).mean()

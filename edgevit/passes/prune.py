@@ -3,7 +3,8 @@
 ``method`` decides which groups go: ``magnitude`` (weight norm), ``taylor`` (first-order
 weight × gradient on calibration images) or ``osscar`` (one-shot reconstruction with
 least-squares re-fit, Meng et al. 2024). ``heads``/``mlp``/``blocks``/``target`` decide how
-many. An optional ``recover`` fine-tunes afterwards, distilling from the unpruned model."""
+many. An optional ``recover`` fine-tunes afterwards, distilling from the unpruned model or
+from a named ``teacher`` (a model source, e.g. an earlier run's stage directory)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,19 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from edgevit.context import RunContext
 from edgevit.distill import DistillObjective, LossConfig
 from edgevit.distill.objective import teacher_input
 from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
+from edgevit.models.sources import LoadedTeacher, ModelSource, load_teacher
 from edgevit.passes.base import Pass, PassConfig
+from edgevit.passes.distill import check_teacher_classes
 from edgevit.prune.importance import magnitude_scores, taylor_scores
 from edgevit.prune.plan import PlanConfig, global_counts, plan
-from edgevit.prune.reconstruct import osscar_model
+from edgevit.prune.reconstruct import HEAD_SIZES, UNIT_SIZES, SearchSizes, osscar_model
 from edgevit.training.loop import TrainConfig
 from edgevit.training.tuned import train_tuned
 from edgevit.tuners import FullConfig, TunerConfig
@@ -32,14 +35,32 @@ class RecoverConfig(TrainConfig, LossConfig):
 
     feature: float = Field(0.0, ge=0)
     mgd: float = Field(0.0, ge=0)
+    teacher: ModelSource | None = Field(
+        None, description="whom recovery distils from; default: the unpruned model. A model source, e.g. "
+        "{source: edgevit, path: runs/x/01-adapt} (a stage directory) or a timm checkpoint")
     tuner: TunerConfig = Field(
         default_factory=FullConfig, description="which parameters recover: full | slicefine | losa | disentangled")
 
 
+class SearchStep(BaseModel):
+    """An OSSCAR step size, per kind of group."""
+
+    model_config = ConfigDict(extra="forbid")
+    heads: int = Field(ge=1)
+    mlp: int = Field(ge=1)
+
+
 class PruneConfig(PassConfig, PlanConfig):
     method: Literal["magnitude", "taylor", "osscar"] = "osscar"
-    ridge: float = Field(1e-2, gt=0, description="osscar: λ in H = XᵀX + λ·mean(diag)·I")
+    ridge: float = Field(1e-2, gt=0, description="osscar: λ in H = XᵀX + λ·diag(XᵀX) (per column: scale-free)")
     swap_budget: int = Field(30, ge=0, description="osscar: local-search iterations per layer")
+    greedy_step: SearchStep = Field(
+        SearchStep(heads=HEAD_SIZES.greedy_step, mlp=UNIT_SIZES.greedy_step),
+        description="osscar: heads / MLP units removed per greedy step (the official code's 2 / 10)")
+    swap_size: SearchStep = Field(
+        SearchStep(heads=HEAD_SIZES.swap_size, mlp=UNIT_SIZES.swap_size),
+        description="osscar: heads / MLP units swapped at first in local search, halved on a rejected swap "
+        "(the official code's 5 / 10)")
     batch_size: int = Field(32, ge=1, description="calibration images per forward pass")
     recover: RecoverConfig | None = Field(None, description="fine-tune after pruning (omit for one-shot)")
 
@@ -70,7 +91,9 @@ class PrunePass(Pass):
             with ctx.progress() as progress:
                 task = progress.add_task("osscar", total=graph.spec.depth, info="")
                 log = osscar_model(graph, counts, images, ctx.device, cfg.ridge, cfg.swap_budget, cfg.batch_size,
-                                   progress=lambda: progress.advance(task))
+                                   progress=lambda: progress.advance(task),
+                                   head_sizes=SearchSizes(cfg.greedy_step.heads, cfg.swap_size.heads),
+                                   unit_sizes=SearchSizes(cfg.greedy_step.mlp, cfg.swap_size.mlp))
         else:
             scores = (magnitude_scores(graph) if cfg.method == "magnitude"
                       else taylor_scores(graph, images, labels, None, ctx.device, cfg.batch_size))
@@ -99,12 +122,27 @@ class PrunePass(Pass):
         if cfg.recover is not None:
             assert unpruned is not None
             r = cfg.recover
+            teacher = self._teacher(r, unpruned, ctx)
+            t_spec = teacher.graph.spec if teacher.graph is not None else None
+            size = t_spec.img_size if t_spec is not None else graph.spec.img_size
+            self.metrics["recover_teacher"] = ("unpruned" if r.teacher is None
+                                               else r.teacher.model_dump(mode="json", exclude_none=True))
 
             def objective(g: ModelGraph) -> DistillObjective:
-                return DistillObjective(r, g.module, g.spec, unpruned.module.to(ctx.device), unpruned.spec,
-                                        teacher_input(g.spec, None, None, None), r.label_smoothing,
+                return DistillObjective(r, g.module, g.spec, teacher.module, t_spec,
+                                        teacher_input(g.spec, teacher.mean, teacher.std, size), r.label_smoothing,
                                         where="passes.prune.recover")
 
             self.metrics["recover"] = train_tuned(graph, objective, r, r.tuner, ctx, "recover")
             graph.module.cpu().eval()
         return graph
+
+    @staticmethod
+    def _teacher(r: RecoverConfig, unpruned: ModelGraph, ctx: RunContext) -> LoadedTeacher:
+        if r.teacher is None:
+            t = LoadedTeacher(unpruned.module, unpruned, unpruned.spec.mean, unpruned.spec.std)
+        else:
+            t = load_teacher(r.teacher, ctx.registry, where="passes.prune.recover.teacher")
+            check_teacher_classes(t, ctx.data.num_classes, "passes.prune.recover.teacher")
+        t.module.to(ctx.device)
+        return t

@@ -5,8 +5,8 @@ For a linear layer y = x·W (rows of W = input columns, grouped: one group per h
 MLP unit), with calibration inputs X, minimise over the kept set S (|S| = k groups) and the
 kept weights W_S::
 
-    f(S) = ½‖X(Ŵ − W)‖² + ½λ‖Ŵ − W‖²   with W zero outside S
-         = ½ (Ŵ − W)ᵀ H (Ŵ − W),         H = XᵀX + λ·mean(diag)·I,  G = H·Ŵ
+    f(S) = ½‖X(Ŵ − W)‖² + ½λ‖D^½(Ŵ − W)‖²   with W zero outside S, D = diag(XᵀX)
+         = ½ (Ŵ − W)ᵀ H (Ŵ − W),                H = XᵀX + λ·D,  G = H·Ŵ
 
 whose minimiser for fixed S is the ridge least-squares re-fit W_S = H_SS⁻¹ G_S. Only the
 d×d Gram matrix is needed. The set is chosen by greedy backward elimination (cost of
@@ -14,6 +14,11 @@ dropping g: ½ tr(W_gᵀ[(H_S⁻¹)_gg]⁻¹W_g)), then local search that swaps 
 each evaluated by its exact objective, with the inverse kept current by low-rank
 (Schur/Woodbury) drop and add updates rather than re-solved. A final exact re-fit in
 float64 removes any drift.
+
+The ridge is per column (λ·diag(XᵀX), not λ·mean(diag)·I): scaling one input column by c and
+its weight row by 1/c is the same function, and with a per-column ridge it is also the same
+problem, so the choice does not depend on activation scale (ViT fc2 inputs have outlier
+channels). Everything runs in float64 on the device the Gram matrix lives on.
 
 Here ``Hinv`` and ``W`` live in the full index space with zero rows/columns for pruned
 inputs, so drop/add are pure matrix updates with no index bookkeeping. An always-kept
@@ -28,25 +33,29 @@ import torch
 
 
 class GramAccumulator:
-    """Accumulates [X, 1]ᵀ[X, 1] in float64 over batches of layer inputs (never all of X)."""
+    """Accumulates [X, 1]ᵀ[X, 1] in float64 over batches of layer inputs (never all of X), on
+    ``device`` (the run's: a GPU does the d×d products when there is one)."""
 
-    def __init__(self, dim: int) -> None:
-        self.h = torch.zeros(dim + 1, dim + 1, dtype=torch.float64)
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.h = torch.zeros(dim + 1, dim + 1, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to("cpu", torch.float64)
-        xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.h.device, torch.float64)
+        xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
         self.h += xa.T @ xa
         self.n += x.shape[0]
 
     def gram(self, ridge: float, bias: bool = True) -> torch.Tensor:
-        """H (with the ones column unless ``bias`` is False) + λ·mean(diag of the inputs' part)·I."""
+        """H (with the ones column unless ``bias`` is False) + λ·diag(H): each column's ridge is
+        its own second moment, so rescaling a column rescales its ridge with it. A column that
+        is (nearly) constant zero gets the floor 1e-12·mean(diag) so H stays invertible."""
         h = self.h / max(self.n, 1)
         if not bias:
             h = h[:-1, :-1]
-        scale = h.diagonal()[: h.shape[0] - (1 if bias else 0)].mean()
-        return h + ridge * scale * torch.eye(h.shape[0], dtype=h.dtype)
+        d = h.diagonal()
+        floor = 1e-12 * d.mean().clamp_min(torch.finfo(h.dtype).tiny)
+        return h + ridge * torch.diag(d.clamp_min(floor))
 
 
 @dataclass
@@ -112,7 +121,7 @@ class _State:
         u = self.hinv @ self.h[:, idx]  # zero outside the kept set
         c_inv = torch.linalg.inv(self.h[idx][:, idx] - self.h[idx, :] @ u)
         v = u.clone()
-        v[idx] -= torch.eye(len(idx), dtype=v.dtype)
+        v[idx] -= torch.eye(len(idx), dtype=v.dtype, device=v.device)
         r = self.g[idx] - self.h[idx, :] @ self.w
         self.w -= v @ c_inv @ r
         self.hinv += v @ c_inv @ v.T
@@ -125,18 +134,28 @@ def osscar_prune(
     keep: int,
     fixed: torch.Tensor | None = None,
     swap_budget: int = 30,
-    max_swap: int | None = None,
+    greedy_step: int = 10,
+    swap_size: int = 10,
 ) -> OsscarResult:
     """Choose ``keep`` of the ``groups`` (n, s) of input columns of a layer with Gram ``h``
-    (ridge included) and weights ``w_hat`` (d_in, d_out); return them with the re-fit."""
-    h, w_hat = h.double(), w_hat.double()
+    (ridge included) and weights ``w_hat`` (d_in, d_out); return them with the re-fit.
+
+    Greedy elimination drops the ``greedy_step`` cheapest groups at a time; local search
+    starts by swapping ``swap_size`` groups (the official code: 10 units or 2 heads per greedy
+    step, 10 units or 5 heads per swap). Runs in float64 on ``h``'s device."""
+    if greedy_step < 1 or swap_size < 1:
+        raise ValueError(f"greedy_step and swap_size must be at least 1, got {greedy_step} and {swap_size}")
+    h = h.double()
+    w_hat = w_hat.to(h.device, torch.float64)
+    groups = groups.to(h.device)
+    fixed = fixed.to(h.device) if fixed is not None else None
     n = groups.shape[0]
     if not 1 <= keep <= n:
         raise ValueError(f"keep must lie in [1, {n}], got {keep}")
     st = _State(h, w_hat)
     kept = list(range(n))
     # greedy backward elimination, a few of the cheapest at a time
-    step = max(1, (n - keep) // 32)
+    step = greedy_step
     while len(kept) > keep:
         costs = st.drop_costs(groups[kept])
         k = min(step, len(kept) - keep)
@@ -149,7 +168,7 @@ def osscar_prune(
     swaps = 0
     kept_set = set(kept)
     pruned = [g for g in range(n) if g not in kept_set]
-    s = min(max_swap or max(1, n // 16), len(kept), len(pruned))
+    s = min(swap_size, len(kept), len(pruned))
     current = greedy
     budget = swap_budget if pruned else 0
     rank = 0  # at s = 1: which kept group (by drop cost) to try swapping out

@@ -94,11 +94,32 @@ def predicted(graph: ModelGraph, counts: list[tuple[int, int]], slopes: Slopes) 
     return total
 
 
+def _predicted_ms(graph: ModelGraph, profile: Any) -> float:
+    """Predicted batch-1 latency of ``graph`` on ``profile`` at the precision it deploys at:
+    exported as the export pass would, one kernel graph (one ONNX Runtime shape probe)."""
+    import tempfile
+    from pathlib import Path
+
+    from edgevit.onnx_io import export_onnx
+    from edgevit.predict.kernels import kernel_graph
+    from edgevit.predict.roofline import PRECISION_BYTES, latency_ms
+
+    precision = profile.deploy_precision()
+    peak = profile.peak_gflops.get(precision) or profile.peak_gflops.get("fp16")
+    if not peak or not profile.memory_bandwidth_gbps:
+        raise EdgeVitError(f"passes.prune.target: {profile.name} has no peak FLOPs or memory bandwidth for "
+                           f"{precision}; a latency target needs both")
+    with tempfile.TemporaryDirectory(prefix="edgevit-prune-probe-") as tmp:
+        path = Path(tmp) / "m.onnx"
+        export_onnx(graph, path, opset=profile.export_opset(), dynamic_batch=not profile.static_batch)
+        kg = kernel_graph(path, PRECISION_BYTES[precision])
+    return round(latency_ms(kg, peak, profile.memory_bandwidth_gbps, profile.roofline).total_ms, 3)  # as predicted
+
+
 def _latency_plan(graph: ModelGraph, cfg: PlanConfig, profile: Any) -> tuple[list[tuple[int, int]], dict]:
     """The smallest uniform ratio whose predicted latency reaches the goal, by bisection
-    (latency falls as the ratio grows; each probe exports the pruned shape and predicts it)."""
-    from edgevit.predict.device import predict_graph_latency
-
+    (latency falls as the ratio grows). Each distinct pruned shape is exported and predicted
+    once (one shape probe), however many ratios round to it."""
     t = cfg.target
     assert t is not None
     if profile is None or profile.roofline is None:
@@ -108,14 +129,19 @@ def _latency_plan(graph: ModelGraph, cfg: PlanConfig, profile: Any) -> tuple[lis
     def counts(r: float) -> list[tuple[int, int]]:
         return counts_for(graph, cfg, r if t.prune != "mlp" else 0.0, r if t.prune != "heads" else 0.0)
 
-    def latency(r: float) -> float:
-        g = graph.clone()
-        for blk, (h, u) in zip(list(g.spec.blocks), counts(r), strict=True):
-            g.keep_heads(blk.index, range(h))
-            g.keep_mlp_units(blk.index, range(u))
-        return predict_graph_latency(g, profile)
+    probes: dict[tuple[tuple[int, int], ...], float] = {}
 
-    base = predict_graph_latency(graph, profile)
+    def latency(r: float) -> float:
+        key = tuple(counts(r))
+        if key not in probes:
+            g = graph.clone()
+            for blk, (h, u) in zip(list(g.spec.blocks), key, strict=True):
+                g.keep_heads(blk.index, range(h))
+                g.keep_mlp_units(blk.index, range(u))
+            probes[key] = _predicted_ms(g, profile)
+        return probes[key]
+
+    probes[tuple((b.attn.num_heads, b.mlp.hidden) for b in graph.spec.blocks)] = base = _predicted_ms(graph, profile)
     goal = t.keep * base
     hi = 0.999
     floor = latency(hi)
@@ -133,7 +159,7 @@ def _latency_plan(graph: ModelGraph, cfg: PlanConfig, profile: Any) -> tuple[lis
             lo = mid
     return counts(hi), {"target_metric": "latency", "target_keep": t.keep, "uniform_ratio": round(hi, 4),
                         "profile": profile.name, "predicted_ms_before": round(base, 3),
-                        "predicted_ms_after": round(latency(hi), 3)}
+                        "predicted_ms_after": round(latency(hi), 3), "latency_probes": len(probes)}
 
 
 def plan(graph: ModelGraph, cfg: PlanConfig, profile: Any = None) -> tuple[list[tuple[int, int]], dict]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ def run_block(block: nn.Module, xs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 @contextmanager
 def _gram_of(linear: nn.Module) -> Iterator[GramAccumulator]:
-    acc = GramAccumulator(linear.in_features)
+    acc = GramAccumulator(linear.in_features, linear.weight.device)  # where the run's model is
     handle = linear.register_forward_pre_hook(lambda _m, args: acc.add(args[0]))
     try:
         yield acc
@@ -56,21 +57,35 @@ def _gram_of(linear: nn.Module) -> Iterator[GramAccumulator]:
         handle.remove()
 
 
+@dataclass(frozen=True)
+class SearchSizes:
+    """OSSCAR's step sizes for one kind of group: dropped per greedy step, swapped at first."""
+
+    greedy_step: int
+    swap_size: int
+
+
+HEAD_SIZES = SearchSizes(greedy_step=2, swap_size=5)  # the official code's, per attention head
+UNIT_SIZES = SearchSizes(greedy_step=10, swap_size=10)  # and per MLP unit
+
+
 def refit_layer(graph: ModelGraph, path: str, block: nn.Module, xs: list[torch.Tensor], groups: torch.Tensor,
-                keep: int, ridge: float, swap_budget: int) -> tuple[OsscarResult, torch.Tensor]:
+                keep: int, ridge: float, swap_budget: int,
+                sizes: SearchSizes = UNIT_SIZES) -> tuple[OsscarResult, torch.Tensor]:
     """Choose ``keep`` groups of ``path``'s input columns and write the re-fitted weights (and
-    bias) into the full-width layer; returns the result and the layer's Gram matrix."""
+    bias) into the full-width layer; returns the result and the layer's Gram matrix (both on
+    the layer's device, float64)."""
     linear = graph.module.get_submodule(path)
     with _gram_of(linear) as acc:
         run_block(block, xs)
     d = linear.in_features
     has_bias = linear.bias is not None
     h = acc.gram(ridge, bias=has_bias)
-    w_hat = linear.weight.detach().T.double().cpu()
+    w_hat = linear.weight.detach().T.double()
     if has_bias:
-        w_hat = torch.cat([w_hat, linear.bias.detach().double().cpu()[None]], dim=0)
+        w_hat = torch.cat([w_hat, linear.bias.detach().double()[None]], dim=0)
     res = osscar_prune(h, w_hat, groups, keep, fixed=torch.tensor([d]) if has_bias else None,
-                       swap_budget=swap_budget)
+                       swap_budget=swap_budget, greedy_step=sizes.greedy_step, swap_size=sizes.swap_size)
     cols = groups[res.keep].reshape(-1)
     weight = torch.zeros_like(linear.weight, dtype=torch.float64)
     weight[:, cols] = res.weight[: len(cols)].T.to(weight.device)
@@ -80,8 +95,10 @@ def refit_layer(graph: ModelGraph, path: str, block: nn.Module, xs: list[torch.T
 
 def osscar_model(graph: ModelGraph, counts: list[tuple[int, int]], images: torch.Tensor, device: torch.device,
                  ridge: float = 1e-2, swap_budget: int = 30, batch: int = 32,
-                 progress=None) -> list[dict]:  # noqa: ANN001
-    """Prune every block to ``counts`` (heads, units) in order; per-block log."""
+                 progress=None, head_sizes: SearchSizes = HEAD_SIZES,  # noqa: ANN001
+                 unit_sizes: SearchSizes = UNIT_SIZES) -> list[dict]:
+    """Prune every block to ``counts`` (heads, units) in order; per-block log. Gram matrices
+    and solves run on ``device`` in float64."""
     graph.module.to(device).eval()
     xs = block0_inputs(graph, images, device, batch)
     log = []
@@ -92,12 +109,13 @@ def osscar_model(graph: ModelGraph, counts: list[tuple[int, int]], images: torch
         entry: dict = {"block": b}
         if n_heads < blk_spec.attn.num_heads:
             res, _ = refit_layer(graph, blk_spec.attn.proj, block, xs, head_columns(blk_spec), n_heads, ridge,
-                                 swap_budget)
+                                 swap_budget, head_sizes)
             graph.keep_heads(b, res.keep)
             entry.update(heads_kept=res.keep, heads_objective=res.objective, heads_swaps=res.swaps)
         spec = graph.spec.block(b)
         if n_units < spec.mlp.hidden:
-            res, _ = refit_layer(graph, spec.mlp.fc2, block, xs, unit_columns(spec), n_units, ridge, swap_budget)
+            res, _ = refit_layer(graph, spec.mlp.fc2, block, xs, unit_columns(spec), n_units, ridge, swap_budget,
+                                 unit_sizes)
             graph.keep_mlp_units(b, res.keep)
             entry.update(units_kept=len(res.keep), units_objective=res.objective, units_swaps=res.swaps,
                          units_greedy_objective=res.greedy_objective)
