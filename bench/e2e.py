@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, SHARED, SKIP, cifar_dirs, cifar_teacher  # noqa: E402
+from common import REPO, SKIP, cifar_dirs, cifar_teacher  # noqa: E402
 
 RECIPE = REPO / "recipes" / "cifar10-nano.yaml"
 
@@ -41,7 +41,7 @@ def main() -> int:
     from edgevit.registry import Registry
 
     data = yaml.safe_load(RECIPE.read_text())
-    data["model"]["checkpoint"] = str(SHARED / "vit_cifar10_teacher.safetensors")  # wherever the data lives
+    data["model"]["checkpoint"] = teacher["checkpoint"]  # the same cache layout, also under $EDGEVIT_CACHE
     data["data"]["train"], data["data"]["val"] = str(dirs[0]), str(dirs[1])
     apply_overrides(data, args.overrides)
     reg = Registry()
@@ -56,7 +56,7 @@ def main() -> int:
     def ratio(a: float | None, b: float | None) -> str:
         return f"{a / b:.2f}" if a and b else "nan"
 
-    lat = (first.get("latency_ms") or {}).get("median"), (last.get("latency_ms") or {}).get("median")
+    lat = (first.get("host_latency") or {}).get("median_ms"), (last.get("host_latency") or {}).get("median_ms")
     pred = (first.get("predicted") or {}).get("latency_ms"), (last.get("predicted") or {}).get("latency_ms")
     feasible = (last.get("predicted") or {}).get("verdict") == "deployable"
     print(f"final stage: {last['stage']}; teacher: {first['stage']}; flops {first['flops']} → {last['flops']}")

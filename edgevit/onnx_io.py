@@ -70,8 +70,7 @@ def session(path: Path, threads: int | None = None) -> Any:
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or torch.get_num_threads()  # the run's count (edgevit.threads)
     return ort.InferenceSession(str(path), opts, providers=providers())
 
 

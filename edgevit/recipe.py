@@ -39,6 +39,7 @@ class Recipe(BaseModel):
     data: DataConfig
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     profile: str | None = None
+    threads: int | None = Field(None, ge=1, description="CPU threads (default: one per idle core; edgevit.threads)")
     passes: list[dict[str, Any]] = Field(default_factory=list)
 
     @field_validator("passes")

@@ -1,4 +1,10 @@
-"""The run report: one entry per stage, from the files the stages left (no torch needed)."""
+"""The run report: one entry per stage, from the files the stages left (no torch needed).
+
+report.json is a versioned schema (``SCHEMA_VERSION``; the keys are ``REPORT_KEYS`` and
+``STAGE_KEYS``, documented in docs/design.md). Version 2 renamed version 1's ``latency_ms``
+dict of a stage to ``host_latency`` (``median_ms``, ``p90_ms``, ``p99_ms``, ``spread_ms``,
+``round_medians_ms``): ``latency_ms`` now only ever means one number of milliseconds (the
+device prediction's). ``read_report`` refuses a version newer than this code knows."""
 
 from __future__ import annotations
 
@@ -10,6 +16,11 @@ from edgevit.fileio import read_json, write_json, write_text
 
 DASH = "—"
 MEASURED_FORMAT = "edgevit.measured/1"  # what deploy/jetson/edgevit_jetson_bench.py writes
+SCHEMA_VERSION = 2
+REPORT_KEYS = ("schema_version", "run", "host", "stages", "comparisons", "devices", "plots")
+STAGE_KEYS = ("stage", "name", "top1", "params", "macs", "flops", "size_bytes", "artifact", "host_latency",
+              "throughput_ips", "throughput_batch", "peak_mem_mb", "model_mem_mb", "seconds", "predicted", "layers",
+              "metrics")  # + "measured_on_device" once `edgevit report --measured` added a board's result
 
 
 def _stage_entry(run_dir: Path, st: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
@@ -29,8 +40,9 @@ def _stage_entry(run_dir: Path, st: dict[str, Any], measured: dict[str, Any]) ->
         "flops": model.get("flops"),
         "size_bytes": artifact.stat().st_size if artifact.is_file() else None,
         "artifact": str(artifact.relative_to(run_dir)) if artifact.is_file() else None,
-        "latency_ms": m.get("latency_ms"),
+        "host_latency": m.get("host_latency"),
         "throughput_ips": m.get("throughput_ips"),
+        "throughput_batch": m.get("throughput_batch"),
         "peak_mem_mb": m.get("peak_rss_mb"),
         "model_mem_mb": m.get("model_mem_mb"),
         "seconds": st.get("seconds"),
@@ -45,16 +57,17 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     manifest = read_json(run_dir / "manifest.json")
     measured: dict[str, Any] = {}
-    host = None
+    host, comparisons = None, []
     for st in manifest["stages"]:  # the latest benchmark stage's measurements win
         bench = run_dir / st["dir"] / "benchmark.json"
         if bench.is_file():
             b = read_json(bench)
-            host = b.get("host")
+            host, comparisons = b.get("host"), b.get("comparisons", [])
             measured = {x["stage"]: x for x in b["stages"]}
     stages = [_stage_entry(run_dir, st, measured) for st in manifest["stages"] if st["name"] != "benchmark"]
     devices = _attach_device_measurements(run_dir, stages)
-    report = {"run": manifest["recipe"], "host": host, "stages": stages, "devices": devices}
+    report = {"schema_version": SCHEMA_VERSION, "run": manifest["recipe"], "host": host, "stages": stages,
+              "comparisons": comparisons, "devices": devices}
     report["plots"] = _plots(run_dir, report)
     write_json(run_dir / "report.json", report)
     write_text(run_dir / "report.md", render_markdown(report))
@@ -78,6 +91,19 @@ def _plots(run_dir: Path, report: dict[str, Any]) -> dict[str, str]:
             if layer_costs(before, after, run_dir / "plots" / f"{name}.png"):
                 out[name] = f"plots/{name}.png"
     return out
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """A report.json this code can read: same schema version or older (version 1 had no key)."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as e:
+        raise EdgeVitError(f"report: cannot read {path} as JSON: {e}") from e
+    version = data.get("schema_version", 1) if isinstance(data, dict) else None
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise EdgeVitError(f"report: {path} has report schema version {version!r}; this edgevit reads up to "
+                           f"{SCHEMA_VERSION}: upgrade edgevit, or rebuild it with `edgevit report RUN_DIR`")
+    return data
 
 
 def read_measured(path: Path) -> dict[str, Any]:
@@ -116,29 +142,67 @@ def fmt(value: Any, spec: str = "", scale: float = 1.0) -> str:
     return format(value / scale, spec) if scale != 1.0 else format(value, spec)
 
 
+HOST_COLUMNS = ["stage", "top-1 %", "params M", "GFLOPs", "size MB", "p50 ms", "spread ms", "p99 ms", "img/s",
+                "mem MB"]  # the host table, alike in the CLI, report.md and report.html
+
+
+def host_cells(s: dict[str, Any]) -> list[str]:
+    lat = s.get("host_latency") or {}
+    return [s["stage"], fmt(s.get("top1"), ".2f"), fmt(s.get("params"), ".3f", 1e6),
+            fmt(s.get("flops"), ".4f", 1e9), fmt(s.get("size_bytes"), ".2f", 1e6),
+            fmt(lat.get("median_ms"), ".3f"), fmt(lat.get("spread_ms"), ".3f"), fmt(lat.get("p99_ms"), ".3f"),
+            fmt(s.get("throughput_ips"), ".0f"), fmt(s.get("peak_mem_mb"), ".0f")]
+
+
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    head = ["stage", "top-1 %", "params M", "GFLOPs", "size MB", "p50 ms", "p99 ms", "img/s", "mem MB"]
-    rows = []
-    for s in report["stages"]:
-        lat = s.get("latency_ms") or {}
-        rows.append([s["stage"], fmt(s.get("top1"), ".2f"), fmt(s.get("params"), ".3f", 1e6),
-                     fmt(s.get("flops"), ".4f", 1e9), fmt(s.get("size_bytes"), ".2f", 1e6),
-                     fmt(lat.get("median"), ".3f"), fmt(lat.get("p99"), ".3f"),
-                     fmt(s.get("throughput_ips"), ".0f"), fmt(s.get("peak_mem_mb"), ".0f")])
-    return head, rows
+    return list(HOST_COLUMNS), [host_cells(s) for s in report["stages"]]
+
+
+def host_line(report: dict[str, Any]) -> str | None:
+    """What the host figures mean, and on what they were measured."""
+    host = report.get("host")
+    if not host:
+        return None
+    threads = host.get("threads")
+    rounds = next((s["host_latency"].get("round_medians_ms") for s in report["stages"] if s.get("host_latency")), [])
+    load = host.get("load_average")
+    busy = f", load average {load}" if load is not None else ""
+    return (f"Host: {host['cpu']}, {host['cores']} cores, {threads} thread{'s' if threads != 1 else ''}{busy}; "
+            f"onnxruntime {host['onnxruntime']}, torch {host['torch']}. p50/p99: latency at batch 1 with ONNX "
+            f"Runtime after warm-up, the median over {len(rounds) or 'the'} interleaved rounds (every model once "
+            "per round); spread: the largest minus the smallest round median; img/s: throughput at a larger batch; "
+            "mem MB: peak RSS of the process that timed the model.")
+
+
+def dash_note(report: dict[str, Any]) -> str:
+    if report.get("host"):
+        return (f"{DASH} = not measured for this stage (the benchmark times each ONNX file once: a bundle ships the "
+                "model of the stage before it).")
+    return f"{DASH} = not measured (add a `benchmark` pass to measure every stage)."
+
+
+def comparison_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """One line per compared pair whose latency difference is within the measurements' spread."""
+    out = []
+    for c in report.get("comparisons") or []:
+        if c.get("within_spread"):
+            lo, hi = c["speedup_range"]
+            out.append((f"{c['from']} → {c['to']}",
+                        f"batch-1 latency {c['difference_ms']:.3f} ms apart, within the {c['spread_ms']:.3f} ms "
+                        f"spread between rounds (speed-up ×{c['speedup']:.2f}, ×{lo:.2f}–×{hi:.2f} over the rounds): "
+                        "not a measured difference on this machine now; re-run on idle cores or with more rounds"))
+    return out
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     head, rows = table_rows(report)
     out = [f"# edgevit report: {report['run']}", ""]
-    host = report.get("host")
-    if host:
-        out += [f"Host: {host['cpu']}, {host['cores']} cores; onnxruntime {host['onnxruntime']}, "
-                f"torch {host['torch']}. p50/p99: latency at batch 1 with ONNX Runtime after warm-up; img/s: "
-                "throughput at a larger batch; mem MB: peak RSS of the process that timed the model.", ""]
+    line = host_line(report)
+    if line:
+        out += [line, ""]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
-    out += ["", "— = not measured for this stage (add a `benchmark` pass to measure it)."]
+    out += ["", dash_note(report)]
     device_rows = prediction_rows(report)
     if device_rows:
         p_head, p_rows = device_rows
@@ -158,7 +222,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def measured_latency_ms(m: dict[str, Any]) -> float | None:
+def device_median_ms(m: dict[str, Any]) -> float | None:
     """Median device latency of a measured stage, host<->device copies included when the
     board script timed them: the predictor's published fit points include copies, so this is
     the figure to set beside a prediction (in every rendering of the report)."""
@@ -182,7 +246,7 @@ def prediction_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]
                p["verdict"]]
         if measured:
             m = (s.get("measured_on_device") or [{}])[-1]
-            got = measured_latency_ms(m)
+            got = device_median_ms(m)
             err = (100 * (p["latency_ms"] - got) / got) if got and p.get("latency_ms") is not None else None
             row += [fmt(got, ".2f"), fmt(err, "+.1f"), fmt(m.get("top1"), ".2f"), fmt(m.get("peak_mem_mb"), ".0f")]
         rows.append(row)
@@ -212,4 +276,4 @@ def stage_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
             notes.append((s["stage"], f"{m['method']} pruning kept {m['flops_kept']:.3f} of the FLOPs and "
                                       f"{m['params_kept']:.3f} of the parameters{goal}; heads per block "
                                       f"{m['heads']}, MLP units {m['mlp_units']}{after}"))
-    return notes
+    return notes + comparison_notes(report)

@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from edgevit.report import DASH, fmt, measured_latency_ms, stage_notes
+from edgevit.report import DASH, HOST_COLUMNS, dash_note, device_median_ms, fmt, host_cells, host_line, stage_notes
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1180px;
@@ -30,8 +30,9 @@ def _cell(value: str, cls: str = "") -> str:
 def _rows(report: dict[str, Any]) -> tuple[list[str], list[str]]:
     measured = any(s.get("measured_on_device") for s in report["stages"])
     predicted = any(s.get("predicted") for s in report["stages"])
-    groups = ['<th colspan="5" class="group">model</th>', '<th colspan="3" class="group">host</th>']
-    head = ["stage", "top-1 %", "params M", "GFLOPs", "size MB", "p50 ms", "p99 ms", "mem MB"]
+    groups = ['<th colspan="5" class="group">model</th>',
+              f'<th colspan="{len(HOST_COLUMNS) - 5}" class="group">host</th>']
+    head = list(HOST_COLUMNS)  # the same columns as report.md and the CLI
     if predicted:
         groups.append('<th colspan="4" class="group">device, predicted</th>')
         head += ["precision", "latency ms", "memory MB", "verdict"]
@@ -40,11 +41,7 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[str]]:
         head += ["p50 ms", "top-1 %", "RAM MB"]
     rows = []
     for s in report["stages"]:
-        lat = s.get("latency_ms") or {}
-        cells = [_cell(s["stage"]), _cell(fmt(s.get("top1"), ".2f")), _cell(fmt(s.get("params"), ".3f", 1e6)),
-                 _cell(fmt(s.get("flops"), ".4f", 1e9)), _cell(fmt(s.get("size_bytes"), ".2f", 1e6)),
-                 _cell(fmt(lat.get("median"), ".3f")), _cell(fmt(lat.get("p99"), ".3f")),
-                 _cell(fmt(s.get("peak_mem_mb"), ".0f"))]
+        cells = [_cell(c) for c in host_cells(s)]
         if predicted:
             p = s.get("predicted") or {}
             verdict = p.get("verdict")
@@ -53,7 +50,7 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[str]]:
                       _cell(verdict or DASH, "ok" if verdict == "deployable" else "bad" if verdict else "")]
         if measured:
             m = (s.get("measured_on_device") or [{}])[-1]
-            cells += [_cell(fmt(measured_latency_ms(m), ".2f")), _cell(fmt(m.get("top1"), ".2f")),
+            cells += [_cell(fmt(device_median_ms(m), ".2f")), _cell(fmt(m.get("top1"), ".2f")),
                       _cell(fmt(m.get("peak_mem_mb"), ".0f"))]
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return ["<tr>" + "".join(groups) + "</tr>", "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"], rows
@@ -72,11 +69,10 @@ CAPTIONS = {
 
 def render_html(report: dict[str, Any], run_dir: Path) -> str:
     head, rows = _rows(report)
-    host = report.get("host")
-    sub = (f"Host: {html.escape(str(host['cpu']))}, {host['cores']} cores; onnxruntime {host['onnxruntime']}, "
-           f"torch {host['torch']}." if host else "No benchmark stage in this run: host figures are not measured.")
-    parts = [f"<h1>edgevit report: {html.escape(report['run'])}</h1>", f'<p class="sub">{sub} {DASH} = not '
-             "measured for this stage.</p>", "<h2>Stages</h2>", "<table>", *head, *rows, "</table>"]
+    sub = html.escape(host_line(report) or "No benchmark stage in this run: host figures are not measured.")
+    parts = [f"<h1>edgevit report: {html.escape(report['run'])}</h1>",
+             f'<p class="sub">{sub} {html.escape(dash_note(report))}</p>', "<h2>Stages</h2>", "<table>", *head, *rows,
+             "</table>"]
     reasons = [(s["stage"], r) for s in report["stages"] for r in (s.get("predicted") or {}).get("reasons", [])]
     notes = stage_notes(report) + reasons
     if notes:

@@ -26,10 +26,46 @@ def _save(plt: Any, fig: Any, out: Path) -> Path:
     return out
 
 
+OFFSETS = [(6, 6), (6, -13), (-8, 8), (-8, -15), (6, 18), (6, -25), (-8, 20), (-8, -27), (6, 30), (6, -37)]
+
+
+def _place_labels(fig: Any, ax: Any, pts: list[tuple[str, float, float]]) -> None:
+    """Stage names beside their points, each at the first offset where it overlaps no label
+    placed before it (stages with near-equal latency and accuracy sit on top of each other)."""
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    for name, x, y in pts:
+        for dx, dy in OFFSETS:
+            ha = "left" if dx > 0 else "right"
+            label = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8, ha=ha,
+                                annotation_clip=False)
+            box = label.get_window_extent(renderer).expanded(1.05, 1.1)
+            if not any(box.overlaps(b) for b in placed):
+                placed.append(box)
+                break
+            label.remove()
+        else:  # every spot taken: the last one, so the name is still shown
+            placed.append(ax.annotate(name, (x, y), textcoords="offset points", xytext=OFFSETS[-1],
+                                      fontsize=8).get_window_extent(renderer))
+
+
+def top1_limits(tops: list[float]) -> tuple[float, float] | None:
+    """A y-range for the useful stages when the first (an untrained source at chance level, say)
+    lies so far below them that including it would flatten them onto one line; else None."""
+    if len(tops) < 3:
+        return None
+    rest = tops[1:]
+    lo, hi = min(rest), max(rest)
+    pad = max(1.0, 0.25 * (hi - lo))
+    if tops[0] >= lo - 4 * pad:
+        return None
+    return lo - pad, hi + pad
+
+
 def accuracy_latency(report: dict[str, Any], out: Path) -> Path | None:
     """Top-1 against host latency (and predicted device latency), stages joined in run order."""
     stages = [s for s in report["stages"] if s.get("top1") is not None]
-    host = [(s["stage"], (s.get("latency_ms") or {}).get("median"), s["top1"]) for s in stages]
+    host = [(s["stage"], (s.get("host_latency") or {}).get("median_ms"), s["top1"]) for s in stages]
     host = [h for h in host if h[1] is not None]
     device = [(s["stage"], (s.get("predicted") or {}).get("latency_ms"), s["top1"]) for s in stages]
     device = [d for d in device if d[1] is not None]
@@ -40,17 +76,33 @@ def accuracy_latency(report: dict[str, Any], out: Path) -> Path | None:
     if device:
         profile = next(s["predicted"]["profile"] for s in stages if s.get("predicted"))
         panels.append((f"{profile} (predicted ms)", device))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.4), squeeze=False)
     for ax, (title, pts) in zip(axes[0], panels, strict=True):
         xs, ys = [p[1] for p in pts], [p[2] for p in pts]
-        ax.plot(xs, ys, "-", color="#9aa5b1", zorder=1)
-        ax.scatter(xs, ys, c=range(len(pts)), cmap="viridis", s=48, zorder=2)
-        for i, (name, x, y) in enumerate(pts):  # alternate above/below so neighbours do not overlap
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 6 if i % 2 else -12), fontsize=8)
+        limits = top1_limits(ys)
+        shown = list(pts)
+        if limits is not None:  # the first stage goes below the axis, drawn as an arrow at its edge
+            first = pts[0]
+            ax.annotate(f"{first[0]}: {first[2]:.2f} % (below)", (first[1], limits[0]), xytext=(0, 14),
+                        textcoords="offset points", ha="center", fontsize=8, color="#52606d",
+                        arrowprops={"arrowstyle": "->", "color": "#9aa5b1"})
+            shown = pts[1:]
+            xs_line, ys_line = [p[1] for p in shown], [p[2] for p in shown]
+        else:
+            xs_line, ys_line = xs, ys
+        ax.plot(xs_line, ys_line, "-", color="#9aa5b1", zorder=1)
+        ax.scatter(xs_line, ys_line, c=range(len(shown)), cmap="viridis", s=48, zorder=2)
+        if limits is not None:
+            ax.set_ylim(*limits)
         ax.set_xlabel(title)
         ax.set_ylabel("top-1 %")
         ax.grid(alpha=0.3)
+        ax.margins(x=0.15)
     fig.suptitle(f"{report['run']}: accuracy against latency, stage by stage")
+    fig.tight_layout()
+    for ax, (_, pts) in zip(axes[0], panels, strict=True):
+        limits = top1_limits([p[2] for p in pts])
+        _place_labels(fig, ax, pts[1:] if limits is not None else pts)
     return _save(plt, fig, out)
 
 

@@ -46,9 +46,10 @@ def test_compress_writes_stages_and_report(cli_run) -> None:
     rows = {r["stage"]: r for r in report["stages"]}
     assert list(rows) == STAGES[:3]
     for r in rows.values():
-        assert set(r) >= {"name", "top1", "params", "flops", "size_bytes", "latency_ms", "throughput_ips", "predicted"}
-        assert set(r["latency_ms"]) == {"median", "p90", "p99"}
-        assert 0 < r["latency_ms"]["median"] <= r["latency_ms"]["p90"] <= r["latency_ms"]["p99"]
+        assert set(r) >= {"name", "top1", "params", "flops", "size_bytes", "host_latency", "throughput_ips",
+                          "predicted"}
+        lat = r["host_latency"]
+        assert 0 < lat["median_ms"] <= lat["p90_ms"] <= lat["p99_ms"] and lat["spread_ms"] >= 0
         assert r["params"] > 0 and r["flops"] > 0 and r["throughput_ips"] > 0 and r["peak_mem_mb"] > 0
     assert rows["01-adapt"]["top1"] > rows["00-source"]["top1"]  # training helped
     assert abs(rows["01-adapt"]["top1"] - rows["02-export"]["top1"]) <= 1.1  # torch vs ONNX Runtime

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgevit.report import build_report
+from edgevit.report import REPORT_KEYS, STAGE_KEYS, build_report
 from tests.conftest import run_cli, run_pipeline, tiny_recipe_data
 
 
@@ -41,6 +41,71 @@ def test_report_has_every_stage_pictures_and_a_self_contained_html(tiny_run: Pat
         assert text in page
     md = (tiny_run / "report.md").read_text()
     assert "![accuracy_latency](plots/accuracy_latency.png)" in md
+    assert rep["schema_version"] == 2 and set(rep) == set(REPORT_KEYS)
+    for s in rep["stages"]:
+        assert set(STAGE_KEYS) <= set(s) and "latency_ms" not in s
+
+
+def test_html_table_has_the_markdown_columns(tiny_run: Path) -> None:
+    md = (tiny_run / "report.md").read_text()
+    md_head = next(ln for ln in md.splitlines() if ln.startswith("| stage"))
+    md_cols = [c.strip() for c in md_head.strip("|").split("|")]
+    page = (tiny_run / "report.html").read_text()
+    html_cols = re.findall(r"<th>([^<]*)</th>", page)
+    assert "img/s" in md_cols and "spread ms" in md_cols
+    assert html_cols[:len(md_cols)] == md_cols
+    rep = json.loads((tiny_run / "report.json").read_text())
+    export = next(s for s in rep["stages"] if s["stage"] == "03-export")
+    assert f"<td>{export['throughput_ips']:.0f}</td>" in page  # the img/s figure itself, not only its header
+
+
+def test_report_reader_refuses_a_future_schema(tiny_run: Path, tmp_path: Path) -> None:
+    from edgevit.errors import EdgeVitError
+    from edgevit.report import SCHEMA_VERSION, read_report
+
+    assert read_report(tiny_run / "report.json")["schema_version"] == SCHEMA_VERSION
+    future = tmp_path / "report.json"
+    future.write_text(json.dumps({"schema_version": SCHEMA_VERSION + 1, "stages": []}))
+    with pytest.raises(EdgeVitError, match=r"schema version 3; this edgevit reads up to 2: upgrade edgevit"):
+        read_report(future)
+    old = tmp_path / "v1.json"
+    old.write_text(json.dumps({"run": "r", "stages": []}))  # version 1 had no key
+    assert read_report(old)["run"] == "r"
+
+
+def test_chance_level_source_does_not_squash_the_y_axis() -> None:
+    from edgevit.report_plots import top1_limits
+
+    lo, hi = top1_limits([10.0, 96.39, 97.78, 98.06, 98.06, 98.06])
+    assert 94 < lo < 96.39 and 98.06 < hi < 100.5
+    assert top1_limits([75.87, 74.85, 74.26, 74.28]) is None  # a real teacher first: keep it on the axis
+
+
+def test_plot_labels_do_not_overlap(tmp_path: Path) -> None:
+    """Stages at near-equal latency and accuracy (export and its FP16 copy) get separate labels."""
+    from edgevit import report_plots
+
+    stages = [{"stage": n, "top1": t, "host_latency": {"median_ms": ms}, "predicted": None}
+              for n, t, ms in [("00-source", 10.0, 0.355), ("01-adapt", 96.39, 0.366), ("02-distill", 97.78, 0.186),
+                               ("03-prune", 98.06, 0.116), ("04-export", 98.06, 0.167),
+                               ("05-quantize", 98.06, 0.198)]]
+    boxes: list = []
+    real_place = report_plots._place_labels
+
+    def spy(fig, ax, pts):  # noqa: ANN001
+        real_place(fig, ax, pts)
+        r = fig.canvas.get_renderer()
+        boxes.extend(t.get_window_extent(r) for t in ax.texts if t.get_text() in {p[0] for p in pts})
+
+    report_plots._place_labels = spy
+    try:
+        assert report_plots.accuracy_latency({"run": "demo", "stages": stages}, tmp_path / "p.png")
+    finally:
+        report_plots._place_labels = real_place
+    assert len(boxes) == 5  # 00-source is drawn below the axis with its own arrow label
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), "two stage labels overlap"
 
 
 def test_a_stage_missing_a_metric_renders_as_a_dash(tiny_run: Path, tmp_path: Path) -> None:
@@ -49,7 +114,7 @@ def test_a_stage_missing_a_metric_renders_as_a_dash(tiny_run: Path, tmp_path: Pa
     bench = run / "04-benchmark" / "benchmark.json"
     b = json.loads(bench.read_text())
     del b["stages"][1]["top1"]  # 01-adapt lost its top-1
-    b["stages"][1]["latency_ms"] = None
+    b["stages"][1]["host_latency"] = None
     b["stages"][2]["predicted"] = None
     bench.write_text(json.dumps(b))
     (run / "02-prune" / "metrics.json").unlink()  # and the prune stage its metrics file
@@ -94,7 +159,7 @@ def test_measured_device_latency_is_the_same_figure_in_markdown_and_html(tmp_pat
                            "verdict": "deployable"},
              "measured_on_device": [{"latency_ms": {"median": 10.0}, "latency_with_copies_ms": {"median": 12.0},
                                      "top1": 89.5}]}
-    report = {"run": "r", "host": None, "stages": [stage], "devices": []}
+    report = {"schema_version": 2, "run": "r", "host": None, "stages": [stage], "devices": []}
     md_row = prediction_rows(report)[1][0]
     assert "12.00" in md_row and "10.00" not in md_row
     page = render_html(report, tmp_path)

@@ -8,27 +8,33 @@ import typer
 from rich.console import Console
 
 from edgevit.cli.report import print_report
-from edgevit.recipe import load_recipe
 from edgevit.registry import Registry
 
 
 def compress(
     recipe: Path | None = typer.Argument(None, help="recipe YAML; omitted: the embedded demo (digits)"),
     out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
-    overrides: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. passes.adapt.epochs=3"),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                        help="override a recipe key, e.g. passes.adapt.epochs=3"),
     no_resume: bool = typer.Option(False, "--no-resume", help="re-run every stage even if unchanged"),
+    threads: int | None = typer.Option(None, "--threads", min=1, metavar="N",
+                                       help="CPU threads for torch and ONNX Runtime (default: the recipe's "
+                                       "threads, else one per idle core)"),
 ) -> None:
     """Run RECIPE's passes on its model; writes runs/<name>/ and prints a table per stage.
 
     Started under torchrun, training passes run data-parallel on every process; rank 0 alone
     writes the run directory (which must be on a file system every node sees)."""
     from edgevit.pipeline import Pipeline
+    from edgevit.recipe import load_recipe  # imports torch: only once a recipe is run
+    from edgevit.threads import apply_threads, choose_threads
     from edgevit.training import distributed
 
     registry = Registry()
     rec, steps = load_recipe(recipe, overrides, registry)
     env = distributed.init(rec.device)
     console = Console(stderr=True, quiet=not env.is_main)
+    console.print(f"threads: {apply_threads(choose_threads(threads or rec.threads))}")
     run_dir = out or Path("runs") / rec.name
     try:
         report = Pipeline(rec, steps, run_dir, registry, console, resume=not no_resume).run()

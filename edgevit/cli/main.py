@@ -8,7 +8,10 @@ import typer
 from rich.console import Console
 
 from edgevit import __version__
-from edgevit.cli import calib, compress, inspect, passes, profiles, report
+
+# Every command module imports only typer/rich at the top: torch and onnxruntime load inside the
+# command that needs them, so --help, passes, profiles and argument errors answer at once.
+from edgevit.cli import calib, compress, data, inspect, passes, profiles, report
 from edgevit.errors import EdgeVitError
 
 app = typer.Typer(
@@ -17,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
 app.command("compress")(compress.compress)
 app.command("inspect")(inspect.inspect)
@@ -24,6 +28,7 @@ app.command("passes")(passes.passes)
 app.command("report")(report.report)
 app.add_typer(profiles.app, name="profiles")
 app.add_typer(calib.app, name="calib")
+app.add_typer(data.app, name="data")
 
 
 def _version(value: bool) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from edgevit.cli.console import name_column, stdout_console
 
 app = typer.Typer(help="Device profiles: list them, or show one with the source of every fact.",
                   invoke_without_command=True)
@@ -23,15 +24,16 @@ def show(name: str = typer.Argument(..., help="a profile name (edgevit profiles)
 
     p = load_profile(name)
     table = Table(title=f"{p.name}: {p.description}", title_justify="left")
-    for col in ("fact", "value", "source"):
-        table.add_column(col)
+    name_column(table, "fact")
+    table.add_column("value")
+    table.add_column("source", overflow="fold")
     for key, value in p.model_dump().items():
         if key in ("name", "description", "sources", "caveats") or value in (None, {}, []):
             continue
         shown = ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else (
             ", ".join(map(str, value)) if isinstance(value, list) else str(value))
         table.add_row(key, shown, p.sources.get(key, "—"))
-    console = Console()
+    console = stdout_console()
     console.print(table)
     for c in p.caveats:
         console.print(f"- {c}")
@@ -41,13 +43,14 @@ def profiles() -> None:
     """List the device profiles with their runtime and supported precisions."""
     from edgevit.profiles import PROFILES_DIR, available, load_profile
 
-    console = Console()
+    console = stdout_console()
     names = available()
     if not names:
         console.print(f"no device profiles (looked in {PROFILES_DIR})")
         return
     table = Table()
-    for col in ("profile", "runtime", "precisions", "max opset", "memory MB", "description"):
+    name_column(table, "profile")
+    for col in ("runtime", "precisions", "max opset", "memory MB", "description"):
         table.add_column(col)
     for name in names:
         p = load_profile(name)
