@@ -1,4 +1,5 @@
-"""The one registry: built-in passes and model adapters, plus third-party ones from entry points.
+"""The one registry: built-in passes, model adapters, graph edits, side modules and tuners, plus
+third-party ones from entry points (group ``edgevit.<group>``).
 
 A plugin package adds a pass by declaring, in its own pyproject.toml::
 
@@ -32,8 +33,25 @@ BUILTINS: dict[str, dict[str, str]] = {
         "hf": "edgevit.graph.adapters.hf_vit:HFViTAdapter",
         "builtin": "edgevit.graph.adapters.builtin_vit:BuiltinViTAdapter",
     },
+    # structural edits a ModelGraph records and replays on load (edgevit.graph.edits)
+    "edits": {
+        kind: f"edgevit.graph.edits:{kind}"
+        for kind in ("keep_heads", "keep_mlp_units", "keep_blocks", "reset_classifier", "attach_side", "detach_side")
+    },
+    # side modules the attach_side edit rebuilds (a frozen backbone + a trainable side network)
+    "sides": {
+        "losa": "edgevit.tuners.losa:SideNetwork",
+        "disentangled": "edgevit.tuners.disentangled:QueryExtraction",
+    },
+    "tuners": {
+        "full": "edgevit.tuners.full:FullTuner",
+        "slicefine": "edgevit.tuners.slicefine:SliceFineTuner",
+        "losa": "edgevit.tuners.losa:LoSATuner",
+        "disentangled": "edgevit.tuners.disentangled:DisentangledTuner",
+    },
 }
-GROUP_LABEL = {"passes": "pass", "adapters": "model adapter"}
+GROUP_LABEL = {"passes": "pass", "adapters": "model adapter", "edits": "graph edit", "sides": "side module",
+               "tuners": "tuner"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,17 @@ class Entry:
 def _load(target: str) -> Any:
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def model_name(module: Any, name: str | None = None) -> str:
+    """What the user gave: the timm model name (or timm's record of it), the Hugging Face class
+    inside edgevit's wrapper, else the module's class."""
+    inner = getattr(module, "model", None)
+    if type(module).__name__ == "HFImageClassifier" and inner is not None:
+        return f"Hugging Face {type(inner).__name__}"
+    cls = type(module).__name__
+    arch = name or (getattr(module, "pretrained_cfg", None) or {}).get("architecture")
+    return f"timm {arch} ({cls})" if arch else cls
 
 
 class Registry:
@@ -90,8 +119,9 @@ class Registry:
                 f"{type(e).__name__}: {e}"
             ) from e
 
-    def adapter_for(self, module: Any) -> Any:
-        """An instance of the first adapter that understands ``module``; else a clear error."""
+    def adapter_for(self, module: Any, name: str | None = None) -> Any:
+        """An instance of the first adapter that understands ``module``; else a clear error that
+        names the model as the user gave it (``name``: the timm model name, if known)."""
         supported = []
         for name in self.names("adapters"):
             cls = self.get("adapters", name)
@@ -102,7 +132,7 @@ class Registry:
             except ImportError:  # the adapter's library is not installed: it cannot match
                 continue
         raise EdgeVitError(
-            f"model: {type(module).__name__} is not a supported Vision Transformer; "
+            f"model: {model_name(module, name)} is not a supported Vision Transformer; "
             f"edgevit supports {', '.join(supported)}"
         )
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,9 +33,9 @@ def test_spec_of_each_family(tiny_graph: ModelGraph) -> None:
             assert isinstance(tiny_graph.module.get_submodule(path), torch.nn.Linear)
     family = s.family
     if family == "timm" and s.pool == "avg":
-        assert s.num_prefix_tokens == 0 and s.heads == ["head"]
-    elif family == "timm" and len(s.heads) == 2:  # distilled DeiT: class + distillation token
-        assert s.num_prefix_tokens == 2 and s.heads == ["head", "head_dist"]
+        assert s.num_prefix_tokens == 0 and s.classifiers == ["head"]
+    elif family == "timm" and len(s.classifiers) == 2:  # distilled DeiT: class + distillation token
+        assert s.num_prefix_tokens == 2 and s.classifiers == ["head", "head_dist"]
         assert tiny_graph.module.get_submodule(s.blocks[0].attn.qkv).bias is None
     else:
         assert s.num_prefix_tokens == 1
@@ -44,7 +47,7 @@ def test_spec_of_hf_reads_separate_qkv(tiny_graph: ModelGraph) -> None:
         pytest.skip("HF-specific")
     a = tiny_graph.spec.blocks[1].attn
     assert a.q.endswith("q_proj") or a.q.endswith("attention.query")
-    assert tiny_graph.spec.heads == ["model.classifier"]
+    assert tiny_graph.spec.classifiers == ["model.classifier"]
 
 
 def test_unsupported_model_is_a_clear_error() -> None:
@@ -167,3 +170,86 @@ def test_keep_blocks_equals_a_model_built_without_them() -> None:
     g.keep_blocks([0, 2])
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(g.module(x), small(x), atol=1e-6)
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_edits_are_recorded_and_the_base_recipe_stays(tiny_graph: ModelGraph, tmp_path) -> None:
+    g = tiny_graph
+    build = copy.deepcopy(g.build)
+    g.keep_blocks([1])
+    g.reset_classifier(7)
+    g.keep_heads(0, [3, 1])
+    g.keep_mlp_units(0, range(0, 64, 2))
+    assert g.build == build  # nothing folded into the recipe: the edits say it all
+    assert [(e.kind, e.args) for e in g.edits] == [
+        ("keep_blocks", {"blocks": [1]}),
+        ("reset_classifier", {"num_classes": 7}),
+        ("keep_heads", {"block": 0, "heads": [1, 3]}),
+        ("keep_mlp_units", {"block": 0, "units": list(range(0, 64, 2))}),
+    ]
+    g.save(tmp_path / "s")
+    saved = json.loads((tmp_path / "s" / "graph.json").read_text())
+    assert saved["format"] == "edgevit.graph/2" and saved["build"] == json.loads(json.dumps(build))
+    assert [e["kind"] for e in saved["edits"]] == ["keep_blocks", "reset_classifier", "keep_heads", "keep_mlp_units"]
+    h = ModelGraph.load(tmp_path / "s")
+    assert torch.equal(logits(h), logits(g)) and h.edits == g.edits
+    assert h.spec == g.spec
+
+
+def test_a_plugin_edit_kind_replays_on_load(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    from edgevit.registry import BUILTINS
+
+    kw = dict(img_size=16, patch_size=8, num_classes=3, embed_dim=16, depth=2, num_heads=2)
+    g = ModelGraph.from_module(VisionTransformer(**kw).eval(), {"architecture": "VisionTransformer", "kwargs": kw})
+    # an edit kind from "a plugin": keeps heads chosen by rule, expressed through the public edits
+    monkeypatch.setitem(BUILTINS, "edits", {**BUILTINS["edits"], "first_head_only": "tests.test_graph:_first_head"})
+    g._registry = None
+    g.apply("first_head_only", {"block": 1})
+    assert g.spec.blocks[1].attn.num_heads == 1
+    assert [(e.kind, e.args) for e in g.edits] == [("first_head_only", {"block": 1})]
+    g.save(tmp_path / "p")  # replaying the plugin's record must redo the slicing, or the weights do not fit
+    assert ModelGraph.load(tmp_path / "p").spec.blocks[1].attn.num_heads == 1
+
+
+def _first_head(graph: ModelGraph, block: int) -> None:
+    graph._keep_heads(block, [0])
+
+
+def test_v1_stage_directories_still_load() -> None:
+    from safetensors.torch import load_file
+
+    io = load_file(str(FIXTURES / "v1_io.safetensors"))
+    g = ModelGraph.load(FIXTURES / "v1_stage")
+    assert [b.attn.num_heads for b in g.spec.blocks] == [2, 4] and [b.mlp.hidden for b in g.spec.blocks] == [32, 16]
+    assert g.spec.num_classes == 3 and g.spec.depth == 2
+    with torch.no_grad():
+        assert torch.equal(g.module.eval()(io["x"]), io["y"])
+    s = ModelGraph.load(FIXTURES / "v1_side")
+    assert s.side is not None and s.side.kind == "losa" and "side" not in s.build
+    assert [e.kind for e in s.edits][-1] == "attach_side"
+    with torch.no_grad():
+        assert torch.equal(s.module.eval()(io["x"]), io["y_side"])
+
+
+def test_v1_loaded_graph_saves_as_v2_and_reloads(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    io = load_file(str(FIXTURES / "v1_io.safetensors"))
+    ModelGraph.load(FIXTURES / "v1_side").save(tmp_path / "v2")
+    assert json.loads((tmp_path / "v2" / "graph.json").read_text())["format"] == "edgevit.graph/2"
+    with torch.no_grad():
+        assert torch.equal(ModelGraph.load(tmp_path / "v2").module.eval()(io["x"]), io["y_side"])
+
+
+def test_load_refuses_edits_that_do_not_match_the_spec(tiny_graph: ModelGraph, tmp_path) -> None:
+    tiny_graph.keep_heads(0, [0, 1])
+    tiny_graph.save(tmp_path / "s")
+    meta = json.loads((tmp_path / "s" / "graph.json").read_text())
+    meta["edits"] = []
+    (tmp_path / "s" / "graph.json").write_text(json.dumps(meta))
+    with pytest.raises(EdgeVitError, match="block 0 has 2 heads .* saved but 4"):
+        ModelGraph.load(tmp_path / "s")

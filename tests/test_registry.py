@@ -117,8 +117,42 @@ def test_plugin_is_listed_and_loaded(demo_plugin: Path) -> None:
     assert "plugindemo" not in Registry(plugins=False).names("passes")
 
 
-def test_plugin_is_invisible_without_its_dist(tmp_path: Path) -> None:
-    assert "plugindemo" not in Registry().names("passes")
+def test_plugin_is_invisible_without_its_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_dist(tmp_path / "site", "edgevit_plugin_demo",
+                     {"plugindemo": "edgevit_plugin_demo:DemoPass"}, PLUGIN_SOURCE)
+    assert "plugindemo" not in Registry().names("passes")  # written, but not installed (not on the path)
+    monkeypatch.syspath_prepend(str(root))
+    assert "plugindemo" in Registry().names("passes")  # the same dist once installed: the check above can fail
+    sys.modules.pop("edgevit_plugin_demo", None)
+
+
+def test_edits_sides_and_tuners_are_registered() -> None:
+    from edgevit.graph.extension import SideModule
+    from edgevit.tuners.base import Tuner
+
+    reg = Registry(plugins=False)
+    assert set(reg.names("edits")) >= {"keep_heads", "keep_mlp_units", "keep_blocks", "reset_classifier",
+                                      "attach_side", "detach_side"}
+    assert all(callable(reg.get("edits", n)) for n in reg.names("edits"))
+    for name in reg.names("sides"):
+        cls = reg.get("sides", name)
+        assert issubclass(cls, SideModule) and cls.kind == name
+    for name in reg.names("tuners"):
+        cls = reg.get("tuners", name)
+        assert issubclass(cls, Tuner) and cls.name == name
+    with pytest.raises(EdgeVitError, match="unknown graph edit 'keep_head' \\(did you mean 'keep_heads'"):
+        reg.get("edits", "keep_head")
+
+
+def test_side_modules_resolve_through_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graph finds a saved side module's class in the registry (no graph → tuners import)."""
+    from edgevit.graph import ModelGraph
+
+    stage = Path(__file__).parent / "fixtures" / "v1_side"
+    assert ModelGraph.load(stage).side.kind == "losa"
+    monkeypatch.setitem(BUILTINS, "sides", {})
+    with pytest.raises(EdgeVitError, match="unknown side module 'losa'"):
+        ModelGraph.load(stage)
 
 
 def test_plugin_claiming_a_builtin_name(demo_plugin: Path, tmp_path: Path,

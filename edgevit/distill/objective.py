@@ -145,7 +145,7 @@ class DistillObjective:
         self.feature_layers: dict[int, int] = {}
         self.mgd_layers: dict[int, int] = {}
         s = student_spec
-        if cfg.dist_token != "none" and len(s.heads) < 2:
+        if cfg.dist_token != "none" and len(s.classifiers) < 2:
             raise EdgeVitError(
                 f"{where}.dist_token: the student has no distillation token/head; use a DeiT-distilled "
                 "student (timm VisionTransformerDistilled) or set dist_token: none"
@@ -184,7 +184,7 @@ class DistillObjective:
         self.s_blocks = {i: s.block(i).path for i in (*self.feature_layers, *self.mgd_layers)}
         self.t_blocks = {i: teacher_spec.block(i).path for i in (*self.feature_layers.values(),
                                                                  *self.mgd_layers.values())} if teacher_spec else {}
-        self.head_paths = s.heads[:2] if cfg.dist_token != "none" else []
+        self.head_paths = s.classifiers[:2] if cfg.dist_token != "none" else []
         self.s_tap = FeatureTap(student, s_paths + self.head_paths)
 
     def modules(self) -> list[nn.Module]:

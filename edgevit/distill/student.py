@@ -105,11 +105,8 @@ def shrink(teacher: ModelGraph, cfg: ShrinkConfig) -> tuple[ModelGraph, str]:
 
 def _fresh(g: ModelGraph) -> ModelGraph:
     """The same architecture with the family's own fresh initialisation."""
-    module = g.adapter.build(g.build or {})
-    fresh = ModelGraph(module, g.adapter.describe(module, mean=g.spec.mean, std=g.spec.std), g.adapter, g.build)
-    for saved in g.spec.blocks:
-        fresh.keep_heads(saved.index, range(saved.attn.num_heads))
-        fresh.keep_mlp_units(saved.index, range(saved.mlp.hidden))
+    fresh = ModelGraph.rebuild(g.adapter, g.build or {}, g.edits, mean=g.spec.mean, std=g.spec.std,
+                               registry=g.registry)
     fresh.spec = g.spec.model_copy(deep=True)
     fresh.history = list(g.history)
     return fresh

@@ -8,6 +8,7 @@ memory-bound layers are visible to a roofline predictor.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
@@ -79,7 +80,7 @@ def _params(module: nn.Module) -> int:
 
 def compute_cost(spec: GraphSpec, module: nn.Module, batch: int = 1, dtype_bytes: int = 4) -> CostReport:
     report = CostReport(batch=batch, dtype_bytes=dtype_bytes)
-    b, n, d = batch, spec.num_tokens, spec.embed_dim
+    b = batch
     el = dtype_bytes
 
     def add(name: str, kind: str, block: int | None, macs: int, extra_flops: int, params: int,
@@ -89,45 +90,52 @@ def compute_cost(spec: GraphSpec, module: nn.Module, batch: int = 1, dtype_bytes
                       inp * el, out * el, scratch * el)
         )
 
-    ph, pw = spec.patch_size
-    p = spec.num_patches
-    pe = module.get_submodule(spec.patch_embed)
-    h, w = spec.img_size
-    add(spec.patch_embed, "patch_embed", None, b * p * d * spec.in_chans * ph * pw, 0, _params(pe),
-        b * spec.in_chans * h * w, b * p * d)
+    def linear(path: str, block: int | None, tokens: int, extra: int = 0, per_forward: bool = False) -> int:
+        """A linear over ``tokens`` rows per image (``per_forward``: once, whatever the batch)."""
+        lin = module.get_submodule(path)
+        rows = tokens if per_forward else b * tokens
+        add(path, "linear", block, rows * lin.in_features * lin.out_features, extra, _params(lin),
+            rows * lin.in_features, rows * lin.out_features)
+        return _params(lin)
+
+    for part in spec.fixed:
+        kind = "patch_embed" if part.path == spec.patch_embed else "fixed"
+        add(part.path, kind, None, b * part.macs, 0, _params(module.get_submodule(part.path)),
+            b * math.prod(part.in_shape), b * math.prod(part.out_shape))
 
     for blk in spec.blocks:
-        a, m, i = blk.attn, blk.mlp, blk.index
+        a, m, i, d, n = blk.attn, blk.mlp, blk.index, blk.dim, blk.tokens
+        na = a.windows * a.window_tokens  # tokens the attention projections see (Swin pads to whole windows)
         counted = 0
-        in_projs = a.input_projections()
-        for path in in_projs:
-            lin = module.get_submodule(path)
-            counted += _params(lin)
-            add(path, "linear", i, b * n * d * lin.out_features, 0, _params(lin), b * n * d, b * n * lin.out_features)
-        hn = b * a.num_heads * n * n
-        add(f"{a.path}.core", "attention", i, 2 * hn * a.head_dim, hn * SOFTMAX_FLOPS + b * n * a.attn_dim, 0,
-            3 * b * n * a.attn_dim, b * n * a.attn_dim, hn)
-        for path, fin, fout, extra in (
-            (a.proj, a.attn_dim, d, 0),
-            (m.fc1, d, m.hidden, b * n * m.hidden * GELU_FLOPS),
-            (m.fc2, m.hidden, d, 0),
-        ):
-            lin = module.get_submodule(path)
-            counted += _params(lin)
-            add(path, "linear", i, b * n * fin * fout, extra, _params(lin), b * n * fin, b * n * fout)
-        # the block's norms, residual adds and any scaling: element-wise, memory-bound
+        for path in a.input_projections():
+            counted += linear(path, i, na)
+        if a.cpb:  # Swin v2: the position bias MLP runs once per forward, over the coordinate table
+            for name, lin in module.get_submodule(a.cpb).named_modules():
+                if isinstance(lin, nn.Linear):
+                    counted += linear(f"{a.cpb}.{name}", i, a.bias_rows, per_forward=True)
+        wt = a.window_tokens
+        hn = b * a.windows * a.num_heads * wt * wt
+        add(f"{a.path}.core", "attention", i, 2 * hn * a.head_dim, hn * SOFTMAX_FLOPS + b * na * a.attn_dim, 0,
+            3 * b * na * a.attn_dim, b * na * a.attn_dim, hn)
+        counted += linear(a.proj, i, na)
+        act = GELU_FLOPS if m.kind == "gelu" else GELU_FLOPS + 1  # SwiGLU: SiLU, then the gate product
+        for path in m.unit_rows():
+            counted += linear(path, i, n, b * n * m.hidden * act if path == m.fc1 else 0)
+        counted += linear(m.fc2, i, n)
+        # the block's norms, residual adds, biases and tables: element-wise, memory-bound
         rest = _params(module.get_submodule(blk.path)) - counted
         add(f"{blk.path}.norms+residual", "elementwise", i, 0, b * n * d * (2 * LAYERNORM_FLOPS + 2), rest,
             2 * b * n * d, b * n * d)
 
-    pooled = b * d
-    for path in spec.heads:
+    for path in spec.classifiers:
         head = module.get_submodule(path)
-        add(path, "head", None, pooled * spec.num_classes, 0, _params(head), pooled, b * spec.num_classes)
+        width = head.in_features if isinstance(head, nn.Linear) else spec.embed_dim
+        add(path, "head", None, b * width * spec.num_classes, 0, _params(head), b * width, b * spec.num_classes)
 
-    # what no row above owns: token and position embeddings, the final norm, pooling
+    # what no row above owns: token and position embeddings, pooling
+    last = spec.blocks[-1] if spec.blocks else None
+    n, d = (last.tokens, last.dim) if last else (spec.num_tokens, spec.embed_dim)
     rest = _params(module) - report.params
     pool_flops = b * n * d if spec.pool == "avg" else 0
-    add("embeddings+final_norm", "embedding", None, 0, b * n * d * (LAYERNORM_FLOPS + 1) + pool_flops, rest,
-        b * n * d, b * n * d)
+    add("embeddings+pool", "embedding", None, 0, b * n * d + pool_flops, rest, b * n * d, b * n * d)
     return report

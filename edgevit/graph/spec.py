@@ -1,12 +1,25 @@
-"""The structural index of a ViT: what passes may touch, independent of where the model came from.
+"""The structural index of a vision transformer: what passes may touch, independent of where
+the model came from.
 
-Paths are dotted module paths from the model's root, so a pass finds the real
-``nn.Linear`` with ``module.get_submodule(path)`` whatever the model family.
+Each transformer block is described on its own (width, tokens, heads, attention and MLP kind),
+so hierarchical (Swin) and hybrid (MobileViT) models fit as well as the plain ViT; everything
+between blocks that no edit touches (stems, patch merging, MobileNetV2 blocks, final norms) is
+a fixed part with its shapes and multiply-accumulates, so cost, export and prediction stay exact.
+Paths are dotted module paths from the model's root, so a pass finds the real ``nn.Linear``
+with ``module.get_submodule(path)`` whatever the model family.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, model_validator
+
+# global: every token with every token; window: Swin v1 windows + relative position bias table;
+# window_cpb: Swin v2 windows + continuous position bias MLP + per-head logit scale (cosine
+# attention); rel_pos: BEiT relative position bias table; rope: rotary embedding (EVA-02)
+AttentionKind = Literal["global", "window", "window_cpb", "rel_pos", "rope"]
+MlpKind = Literal["gelu", "swiglu"]
 
 
 class _Strict(BaseModel):
@@ -22,6 +35,13 @@ class AttentionSpec(_Strict):
     proj: str
     num_heads: int
     head_dim: int
+    kind: AttentionKind = "global"
+    windows: int = 1  # attention groups per image (Swin windows, MobileViT patch positions)
+    window_tokens: int = 0  # tokens per group (= the block's tokens for global attention)
+    qk_norm: bool = False  # per-head LayerNorm on q and k (sliced with nothing: shared over heads)
+    bias_table: str | None = None  # parameter with one column per head: relative position bias table
+    cpb: str | None = None  # Swin v2 continuous position bias MLP (last linear: one output per head)
+    bias_rows: int = 0  # rows the bias table has or the cpb MLP computes, per forward
 
     @model_validator(mode="after")
     def _one_layout(self) -> AttentionSpec:
@@ -47,9 +67,16 @@ class AttentionSpec(_Strict):
 
 class MlpSpec(_Strict):
     path: str
-    fc1: str
+    fc1: str  # the value rows (SwiGLU) or the hidden layer (GELU); fused SwiGLU: [value | gate] rows
     fc2: str
     hidden: int
+    kind: MlpKind = "gelu"
+    gate: str | None = None  # SwiGLU's separate gate linear (its rows are units too)
+    fused_gate: bool = False  # SwiGLU with value and gate as the two halves of fc1's rows
+
+    def unit_rows(self) -> list[str]:
+        """Paths of the linears whose output rows are the hidden units (fc1, and the gate)."""
+        return [self.fc1] + ([self.gate] if self.gate else [])
 
 
 class BlockSpec(_Strict):
@@ -59,6 +86,20 @@ class BlockSpec(_Strict):
     mlp: MlpSpec
     norm1: str | None = None  # pre-attention LayerNorm (pre-norm blocks)
     norm2: str | None = None  # pre-MLP LayerNorm
+    dim: int = 0  # the width of the tokens the block reads and writes
+    tokens: int = 0  # tokens per image the block's MLP sees (class/register tokens included)
+    stage: int = 0  # hierarchical models: the stage (resolution) the block belongs to
+    layer_scale: bool = False  # learned per-channel scale on each residual branch
+
+
+class FixedSpec(_Strict):
+    """A part no edit changes (stem, patch merging, conv block, final norm), measured once."""
+
+    path: str
+    module: str  # its class, e.g. PatchMerging, ConvNormAct, BottleneckBlock
+    in_shape: list[int]  # per image, without the batch dimension
+    out_shape: list[int]
+    macs: int  # multiply-accumulates per image (convolutions and linears inside it)
 
 
 class GraphSpec(_Strict):
@@ -75,8 +116,16 @@ class GraphSpec(_Strict):
     num_prefix_tokens: int  # class (+ distillation) tokens in front of the patch tokens
     pool: str  # "token" (class token) or "avg"
     patch_embed: str
-    heads: list[str]  # classifier head paths; distilled DeiT has two, averaged at inference
+    classifiers: list[str]  # classifier head paths; distilled DeiT has two, averaged at inference
     blocks: list[BlockSpec]
+    fixed: list[FixedSpec] = []  # the parts between blocks, in module order
+    register_tokens: int = 0  # of the prefix tokens, how many are registers (no class meaning)
+
+    @property
+    def plain(self) -> bool:
+        """One token sequence of one width through every block (a plain ViT)."""
+        return all(b.dim == self.embed_dim and b.tokens == self.num_tokens and b.attn.windows == 1
+                   for b in self.blocks)
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -127,7 +127,7 @@ class SliceFineTuner(Tuner):
                     params += [(f"{path}.slice.{n}", p) for n, p in sl.named_parameters()]
         self.sliced = count(params)
         if cfg.train_head:
-            for path in graph.spec.heads:
+            for path in graph.spec.classifiers:
                 head = graph.module.get_submodule(path)
                 for n, p in head.named_parameters():
                     p.requires_grad_(True)

@@ -36,6 +36,11 @@ class Adapter(ABC):
     def build(self, recipe: dict[str, Any]) -> nn.Module:
         """A freshly initialised module of the recorded architecture; never downloads."""
 
+    def adopt(self, module: nn.Module, recipe: dict[str, Any] | None) -> None:
+        """Record on ``module`` what only its recipe says (e.g. the input size of a
+        resolution-agnostic CNN hybrid), before :meth:`describe` reads it."""
+        return None
+
     def after_keep_heads(self, attn: nn.Module, spec: AttentionSpec, channels: torch.Tensor) -> None:
         """Slice family-specific per-channel extras and update the attributes forward reads.
 
@@ -46,14 +51,13 @@ class Adapter(ABC):
         """Like :meth:`after_keep_heads`, for MLP hidden units."""
         return None
 
-    def keep_blocks(self, module: nn.Module, build: dict[str, Any], blocks: list[int]) -> dict[str, Any]:
-        """Drop every transformer block not in ``blocks``; return the construction recipe with
-        the new depth so the saved graph rebuilds to the same shape."""
+    def keep_blocks(self, module: nn.Module, blocks: list[int]) -> None:
+        """Drop every transformer block not in ``blocks`` and keep the module's own attributes
+        true (the graph records the edit; the base recipe stays as built)."""
         raise NotImplementedError(f"{self.name} models cannot drop blocks")
 
-    def reset_classifier(self, module: nn.Module, build: dict[str, Any], num_classes: int) -> dict[str, Any]:
-        """Replace the classifier head(s) with fresh ones for ``num_classes``; return the updated
-        construction recipe so the saved graph rebuilds with the new head."""
+    def reset_classifier(self, module: nn.Module, num_classes: int) -> None:
+        """Replace the classifier head(s) with fresh ones for ``num_classes``."""
         raise NotImplementedError(f"{self.name} models cannot change their number of classes")
 
     @contextmanager
@@ -104,3 +108,48 @@ def as_triple(values: Any, default: tuple[float, float, float]) -> tuple[float, 
     if len(vals) != 3:
         raise ValueError(f"expected 3 values for mean/std, got {len(vals)}")
     return vals  # type: ignore[return-value]
+
+
+def slice_qkv_biases(attn: nn.Module, channels: torch.Tensor) -> None:
+    """Keep ``channels`` of the separate q/k/v bias vectors BEiT, EVA and Swin v2 keep beside a
+    bias-free qkv linear (k_bias is a zero buffer)."""
+    for name in ("q_bias", "k_bias", "v_bias"):
+        t = getattr(attn, name, None)
+        if t is None:
+            continue
+        kept = t.detach().index_select(0, channels.to(t.device)).clone()
+        if isinstance(t, nn.Parameter):
+            setattr(attn, name, nn.Parameter(kept, requires_grad=t.requires_grad))
+        else:
+            attn.register_buffer(name, kept, persistent=name in attn.state_dict())
+
+
+def heads_of(channels: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The kept head indices behind head-major ``channels``."""
+    return channels[::head_dim] // head_dim
+
+
+def build_timm(recipe: dict[str, Any], classes: dict[str, Any]) -> nn.Module:
+    """A timm model from ``{name | architecture, kwargs}``: a registered name (never pretrained
+    here: weights come from the saved file) or one of ``classes`` built with its kwargs."""
+    import timm
+
+    from edgevit.errors import EdgeVitError
+
+    kwargs = dict(recipe.get("kwargs") or {})
+    if recipe.get("name"):
+        return timm.create_model(recipe["name"], pretrained=False, **kwargs)
+    arch = recipe.get("architecture")
+    if arch not in classes:
+        raise EdgeVitError(f"model.architecture: unknown {arch!r}; choose one of {', '.join(classes)}")
+    return classes[arch](**kwargs)
+
+
+def timm_mean_std(module: nn.Module, mean: Any, std: Any) -> tuple[tuple[float, float, float], ...]:
+    cfg = getattr(module, "pretrained_cfg", None) or {}
+    return (as_triple(mean if mean is not None else cfg.get("mean"), IMAGENET_MEAN),
+            as_triple(std if std is not None else cfg.get("std"), IMAGENET_STD))
+
+
+def is_identity(m: Any) -> bool:
+    return m is None or isinstance(m, nn.Identity)

@@ -9,6 +9,7 @@ from torch import nn
 
 from edgevit.graph.adapters.base import IMAGENET_MEAN, IMAGENET_STD, Adapter, as_triple
 from edgevit.graph.spec import AttentionSpec, BlockSpec, GraphSpec, MlpSpec
+from edgevit.graph.trace import complete
 from edgevit.models.simple_vit import SimpleViT
 
 
@@ -44,7 +45,7 @@ class BuiltinViTAdapter(Adapter):
                     ),
                 )
             )
-        return GraphSpec(
+        spec = GraphSpec(
             family=self.name,
             embed_dim=module.embed_dim,
             img_size=(module.img_size, module.img_size),
@@ -56,9 +57,10 @@ class BuiltinViTAdapter(Adapter):
             num_prefix_tokens=module.num_prefix_tokens,
             pool=module.pool,
             patch_embed="patch_embed",
-            heads=["head"],
+            classifiers=["head"],
             blocks=blocks,
         )
+        return complete(spec, module)
 
     def build(self, recipe: dict[str, Any]) -> nn.Module:
         return SimpleViT(**(recipe.get("kwargs") or {}))
@@ -66,11 +68,9 @@ class BuiltinViTAdapter(Adapter):
     def after_keep_heads(self, attn: nn.Module, spec: AttentionSpec, channels: torch.Tensor) -> None:
         attn.num_heads = int(channels.numel()) // spec.head_dim
 
-    def keep_blocks(self, module: nn.Module, build: dict[str, Any], blocks: list[int]) -> dict[str, Any]:
+    def keep_blocks(self, module: nn.Module, blocks: list[int]) -> None:
         module.blocks = nn.Sequential(*[module.blocks[i] for i in blocks])
-        return {**build, "kwargs": {**(build.get("kwargs") or {}), "depth": len(blocks)}}
 
-    def reset_classifier(self, module: nn.Module, build: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    def reset_classifier(self, module: nn.Module, num_classes: int) -> None:
         module.head = nn.Linear(module.embed_dim, num_classes)
         module.num_classes = num_classes
-        return {**build, "kwargs": {**(build.get("kwargs") or {}), "num_classes": num_classes}}

@@ -14,6 +14,7 @@ from torch import nn
 from edgevit.errors import EdgeVitError
 from edgevit.graph.adapters.base import Adapter, as_triple
 from edgevit.graph.spec import AttentionSpec, BlockSpec, GraphSpec, MlpSpec
+from edgevit.graph.trace import complete
 
 HF_DEFAULT_MEAN = (0.5, 0.5, 0.5)
 HF_DEFAULT_STD = (0.5, 0.5, 0.5)
@@ -98,7 +99,7 @@ class HFViTAdapter(Adapter):
                                     norm2=f"{p}.layernorm_after"))
         img = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else (cfg.image_size,) * 2
         patch = cfg.patch_size if isinstance(cfg.patch_size, (list, tuple)) else (cfg.patch_size,) * 2
-        return GraphSpec(
+        spec = GraphSpec(
             family=self.name,
             embed_dim=cfg.hidden_size,
             img_size=tuple(img),
@@ -110,9 +111,10 @@ class HFViTAdapter(Adapter):
             num_prefix_tokens=1,
             pool="token",
             patch_embed="model.vit.embeddings.patch_embeddings.projection",
-            heads=["model.classifier"],
+            classifiers=["model.classifier"],
             blocks=blocks,
         )
+        return complete(spec, module)
 
     def build(self, recipe: dict[str, Any]) -> nn.Module:
         transformers = require_transformers()
@@ -129,7 +131,7 @@ class HFViTAdapter(Adapter):
             if hasattr(m, "all_head_size"):
                 m.all_head_size = int(channels.numel())
 
-    def keep_blocks(self, module: nn.Module, build: dict[str, Any], blocks: list[int]) -> dict[str, Any]:
+    def keep_blocks(self, module: nn.Module, blocks: list[int]) -> None:
         root, layers = _layers(module.model.vit)
         parent_path, attr = root.rsplit(".", 1)
         parent = module.get_submodule(parent_path)
@@ -138,17 +140,13 @@ class HFViTAdapter(Adapter):
             if hasattr(layer, "layer_idx"):
                 layer.layer_idx = j
         setattr(parent, attr, kept)
-        cfg = module.model.config
-        cfg.num_hidden_layers = len(blocks)
-        return {"config": cfg.to_dict()}
+        module.model.config.num_hidden_layers = len(blocks)
 
-    def reset_classifier(self, module: nn.Module, build: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    def reset_classifier(self, module: nn.Module, num_classes: int) -> None:
         old = module.model.classifier
         module.model.classifier = nn.Linear(old.in_features, num_classes)
         module.model.num_labels = num_classes
-        cfg = module.model.config
-        cfg.num_labels = num_classes
-        return {"config": cfg.to_dict()}
+        module.model.config.num_labels = num_classes
 
     @contextmanager
     def export_mode(self, module: nn.Module) -> Iterator[None]:

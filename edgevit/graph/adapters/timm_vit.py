@@ -19,6 +19,7 @@ from edgevit.graph.adapters.base import (
     slice_norm,
 )
 from edgevit.graph.spec import AttentionSpec, BlockSpec, GraphSpec, MlpSpec
+from edgevit.graph.trace import complete
 
 ARCHITECTURES = ("VisionTransformer", "VisionTransformerDistilled")
 
@@ -70,7 +71,9 @@ class TimmViTAdapter(Adapter):
                         proj=f"{p}.attn.proj",
                         num_heads=attn.num_heads,
                         head_dim=attn.head_dim,
+                        qk_norm=not isinstance(attn.q_norm, nn.Identity),
                     ),
+                    layer_scale=not isinstance(blk.ls1, nn.Identity),
                     norm1=f"{p}.norm1",
                     norm2=f"{p}.norm2",
                     mlp=MlpSpec(
@@ -79,9 +82,9 @@ class TimmViTAdapter(Adapter):
                 )
             )
         cfg = getattr(module, "pretrained_cfg", None) or {}
-        heads = ["head"] + (["head_dist"] if isinstance(module, VisionTransformerDistilled) else [])
+        classifiers = ["head"] + (["head_dist"] if isinstance(module, VisionTransformerDistilled) else [])
         pe = module.patch_embed
-        return GraphSpec(
+        spec = GraphSpec(
             family=self.name,
             embed_dim=module.embed_dim,
             img_size=tuple(pe.img_size),
@@ -93,9 +96,11 @@ class TimmViTAdapter(Adapter):
             num_prefix_tokens=module.num_prefix_tokens,
             pool=module.global_pool,
             patch_embed="patch_embed.proj",
-            heads=heads,
+            classifiers=classifiers,
             blocks=blocks,
+            register_tokens=getattr(module, "num_reg_tokens", 0),
         )
+        return complete(spec, module)
 
     def build(self, recipe: dict[str, Any]) -> nn.Module:
         import timm
@@ -119,16 +124,14 @@ class TimmViTAdapter(Adapter):
     def after_keep_mlp_units(self, mlp: nn.Module, spec: MlpSpec, units: torch.Tensor) -> None:
         slice_norm(mlp.norm, units)
 
-    def keep_blocks(self, module: nn.Module, build: dict[str, Any], blocks: list[int]) -> dict[str, Any]:
+    def keep_blocks(self, module: nn.Module, blocks: list[int]) -> None:
         module.blocks = nn.Sequential(*[module.blocks[i] for i in blocks])
         if hasattr(module, "feature_info"):
             info = module.feature_info[: len(blocks)]
             module.feature_info = [dict(f, module=f"blocks.{j}") for j, f in enumerate(info)]
-        return {**build, "kwargs": {**(build.get("kwargs") or {}), "depth": len(blocks)}}
 
-    def reset_classifier(self, module: nn.Module, build: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    def reset_classifier(self, module: nn.Module, num_classes: int) -> None:
         module.reset_classifier(num_classes)
-        return {**build, "kwargs": {**(build.get("kwargs") or {}), "num_classes": num_classes}}
 
     @contextmanager
     def export_mode(self, module: nn.Module) -> Iterator[None]:

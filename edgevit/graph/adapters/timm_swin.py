@@ -1,0 +1,154 @@
+"""timm ``SwinTransformer`` (v1) and ``SwinTransformerV2``: stages of windowed blocks.
+
+Each block attends inside non-overlapping windows (shifted every other block); patch merging
+between stages is a fixed part. v1 keeps a relative position bias table with one column per
+head; v2 computes the bias with a small MLP whose last layer has one output per head and scales
+cosine attention by one learned logit scale per head: all are sliced with the head.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgevit.errors import EdgeVitError
+from edgevit.graph.adapters.base import (
+    Adapter,
+    build_timm,
+    heads_of,
+    slice_qkv_biases,
+    timm_mean_std,
+)
+from edgevit.graph.adapters.timm_attention import allow_fewer_heads
+from edgevit.graph.spec import AttentionSpec, BlockSpec, GraphSpec, MlpSpec
+from edgevit.graph.trace import complete
+
+
+def _windows(blk_module: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(B, H, W, C) input: windows of window_size, the map padded up to whole windows."""
+    _, h, w, _ = shape
+    wh, ww = blk_module.window_size
+    return math.ceil(h / wh) * math.ceil(w / ww), wh * ww
+
+
+class _SwinBase(Adapter):
+    v2: bool
+
+    def _classes(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def describe(self, module: nn.Module, mean: Any = None, std: Any = None) -> GraphSpec:
+        from timm.layers import Mlp
+
+        what = type(module).__name__
+        blocks, where = [], {}
+        for s, stage in enumerate(module.layers):
+            for j, blk in enumerate(stage.blocks):
+                p = f"layers.{s}.blocks.{j}"
+                a, mlp = blk.attn, blk.mlp
+                if type(mlp) is not Mlp:
+                    raise EdgeVitError(f"model: {what} block {p} has a {type(mlp).__name__} MLP; edgevit "
+                                       "supports timm's Mlp in Swin blocks")
+                heads = a.num_heads
+                attn = AttentionSpec(
+                    path=f"{p}.attn", qkv=f"{p}.attn.qkv", proj=f"{p}.attn.proj", num_heads=heads,
+                    head_dim=a.qkv.out_features // 3 // heads,
+                    kind="window_cpb" if self.v2 else "window",
+                    bias_table=None if self.v2 else f"{p}.attn.relative_position_bias_table",
+                    cpb=f"{p}.attn.cpb_mlp" if self.v2 else None,
+                    bias_rows=(math.prod(a.relative_coords_table.shape[1:3]) if self.v2
+                               else a.relative_position_bias_table.shape[0]),
+                )
+                blocks.append(BlockSpec(
+                    index=len(blocks), path=p, attn=attn, stage=s, norm1=f"{p}.norm1", norm2=f"{p}.norm2",
+                    mlp=MlpSpec(path=f"{p}.mlp", fc1=f"{p}.mlp.fc1", fc2=f"{p}.mlp.fc2", hidden=mlp.fc1.out_features),
+                ))
+                where[p] = blk
+        pe = module.patch_embed
+        m, sd = timm_mean_std(module, mean, std)
+        spec = GraphSpec(
+            family=self.name, embed_dim=pe.proj.out_channels, img_size=tuple(pe.img_size),
+            patch_size=tuple(pe.patch_size), in_chans=pe.proj.in_channels, mean=m, std=sd,
+            num_classes=module.num_classes, num_prefix_tokens=0, pool="avg", patch_embed="patch_embed",
+            classifiers=["head.fc"], blocks=blocks,
+        )
+        return complete(spec, module, lambda b, shape: _windows(where[b.path], shape))
+
+    def build(self, recipe: dict[str, Any]) -> nn.Module:
+        return build_timm(recipe, self._classes())
+
+    def after_keep_heads(self, attn: nn.Module, spec: AttentionSpec, channels: torch.Tensor) -> None:
+        attn.num_heads = int(channels.numel()) // spec.head_dim
+        if self.v2:
+            slice_qkv_biases(attn, channels)
+            idx = heads_of(channels, spec.head_dim).to(attn.logit_scale.device)
+            attn.logit_scale = nn.Parameter(attn.logit_scale.detach().index_select(0, idx).clone())
+            allow_fewer_heads(attn)
+
+    def keep_blocks(self, module: nn.Module, blocks: list[int]) -> None:
+        keep, i = set(blocks), 0
+        kept_per_stage = []
+        for stage in module.layers:
+            n = len(stage.blocks)
+            kept_per_stage.append([stage.blocks[j] for j in range(n) if i + j in keep])
+            i += n
+        if any(not k for k in kept_per_stage):
+            s = next(s for s, k in enumerate(kept_per_stage) if not k)
+            raise EdgeVitError(f"keep_blocks: stage {s} would have no block left; keep at least one per stage")
+        for stage, kept in zip(module.layers, kept_per_stage, strict=True):
+            stage.blocks = type(stage.blocks)(kept)
+            stage.depth = len(kept)
+
+    def reset_classifier(self, module: nn.Module, num_classes: int) -> None:
+        module.reset_classifier(num_classes)
+
+    @contextmanager
+    def export_mode(self, module: nn.Module) -> Iterator[None]:
+        attns = [m for m in module.modules() if hasattr(m, "fused_attn")]
+        saved = [m.fused_attn for m in attns]
+        for m in attns:
+            m.fused_attn = False  # SDPA has no ONNX form below opset 14 (TensorRT 8.2 reads 13)
+        try:
+            yield
+        finally:
+            for m, f in zip(attns, saved, strict=True):
+                m.fused_attn = f
+
+
+class TimmSwinAdapter(_SwinBase):
+    name = "timm_swin"
+    supports = "timm SwinTransformer"
+    v2 = False
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        from timm.models.swin_transformer import SwinTransformer
+
+        return isinstance(module, SwinTransformer)
+
+    def _classes(self) -> dict[str, Any]:
+        from timm.models.swin_transformer import SwinTransformer
+
+        return {"SwinTransformer": SwinTransformer}
+
+
+class TimmSwinV2Adapter(_SwinBase):
+    name = "timm_swinv2"
+    supports = "timm SwinTransformerV2"
+    v2 = True
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+        return isinstance(module, SwinTransformerV2)
+
+    def _classes(self) -> dict[str, Any]:
+        from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+        return {"SwinTransformerV2": SwinTransformerV2}
