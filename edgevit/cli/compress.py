@@ -34,7 +34,8 @@ def compress(
     rec, steps = load_recipe(recipe, overrides, registry)
     env = distributed.init(rec.device)
     console = Console(stderr=True, quiet=not env.is_main)
-    console.print(f"threads: {apply_threads(choose_threads(threads or rec.threads))}")
+    # said after the run (and recorded in the report), so a bad input still ends in one line
+    threads_used = apply_threads(choose_threads(threads or rec.threads))
     run_dir = out or Path("runs") / rec.name
     try:
         report = Pipeline(rec, steps, run_dir, registry, console, resume=not no_resume).run()
@@ -43,3 +44,4 @@ def compress(
     if not env.is_main:
         return
     print_report(report, run_dir)
+    console.print(f"threads: {threads_used}")
