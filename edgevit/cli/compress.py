@@ -17,6 +17,8 @@ def compress(
     out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
     overrides: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. passes.adapt.epochs=3"),
     no_resume: bool = typer.Option(False, "--no-resume", help="re-run every stage even if unchanged"),
+    no_rerun: bool = typer.Option(False, "--no-rerun", help="stop with an error, instead of re-running from it, "
+                                  "when a finished stage's files no longer match their recorded sha256"),
 ) -> None:
     """Run RECIPE's passes on its model; writes runs/<name>/ and prints a table per stage.
 
@@ -31,7 +33,8 @@ def compress(
     console = Console(stderr=True, quiet=not env.is_main)
     run_dir = out or Path("runs") / rec.name
     try:
-        report = Pipeline(rec, steps, run_dir, registry, console, resume=not no_resume).run()
+        report = Pipeline(rec, steps, run_dir, registry, console, resume=not no_resume, rerun_changed=not no_rerun,
+                          recipe_path=recipe).run()
     finally:
         distributed.shutdown()
     if not env.is_main:
