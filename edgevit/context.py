@@ -20,7 +20,7 @@ from rich.progress import (
 )
 
 if TYPE_CHECKING:
-    from edgevit.data import DataBundle
+    from edgevit.data import TaskData
     from edgevit.graph import ModelGraph
     from edgevit.recipe import Recipe
 
@@ -39,7 +39,7 @@ class StageRecord:
 class RunContext:
     recipe: Recipe
     run_dir: Path
-    data: DataBundle
+    data: TaskData
     device: torch.device
     console: Console
     registry: Any

@@ -33,7 +33,7 @@ class CalibrationConfig(BaseModel):
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="every random choice derives from it")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelSource
     data: DataConfig
@@ -100,7 +100,8 @@ def resolve_paths(data: dict[str, Any], base: Path) -> None:
     for section, keys in (("model", ("checkpoint", "path")), ("data", ("train", "val", "path")),
                           ("calibration", ("manifest",))):
         _resolve(data.get(section), keys, base)
-    for step in data.get("passes") or []:
+    steps = data.get("passes")
+    for step in steps if isinstance(steps, list) else []:  # not a list: validation says so
         if isinstance(step, dict):
             for cfg in step.values():
                 _resolve_nested(cfg, base)
@@ -131,10 +132,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise EdgeVitError(f"--set {item!r}: expected KEY=VALUE, e.g. --set passes.adapt.epochs=3")
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            reason = " ".join(str(e).split())[:120]
+            raise EdgeVitError(f"--set {key}: the value is not plain YAML ({reason}); quote it as a string, "
+                               "e.g. --set 'name=\"my run\"'") from e
         parts = key.split(".")
         node: Any = data
         for j, part in enumerate(parts[:-1]):
+            if not isinstance(node, (dict, list)):
+                raise EdgeVitError(f"--set {key}: {'.'.join(parts[:j])} is not a section")
             if isinstance(node, list):
                 node = _list_step(node, part, key)
             else:
@@ -142,6 +150,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
                     raise EdgeVitError(f"--set {key}: {'.'.join(parts[: j + 1])} is not a section")
                 node = node.setdefault(part, {})
         last = parts[-1]
+        if not isinstance(node, (dict, list)):
+            raise EdgeVitError(f"--set {key}: {'.'.join(parts[:-1])} is not a section")
         if isinstance(node, list):
             raise EdgeVitError(f"--set {key}: name a key inside the pass, e.g. passes.adapt.epochs=3")
         node[last] = value
@@ -176,11 +186,17 @@ def load_recipe_data(path: Path | None) -> tuple[dict[str, Any], Path]:
         path = Path(path)
         if not path.is_file():
             raise EdgeVitError(f"recipe: file not found: {path}")
-        text, base, where = path.read_text(encoding="utf-8"), path.resolve().parent, str(path)
+        try:
+            text, base, where = path.read_text(encoding="utf-8"), path.resolve().parent, str(path)
+        except UnicodeDecodeError as e:
+            raise EdgeVitError(f"recipe: {path} is not a text file (byte {e.start} is not UTF-8); give a YAML "
+                               "recipe") from e
+        except OSError as e:
+            raise EdgeVitError(f"recipe: cannot read {path}: {e.strerror or e}") from e
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise EdgeVitError(f"recipe: {where} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise EdgeVitError(f"recipe: {where} is not valid YAML: {' '.join(str(e).split())[:160]}") from e
     if not isinstance(data, dict):
         raise EdgeVitError(f"recipe: {where} must be a mapping with model, data and passes")
     return data, base

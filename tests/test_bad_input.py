@@ -7,7 +7,9 @@ condition cannot be produced for real here (an unreadable directory when running
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +42,17 @@ def assert_user_error(res: subprocess.CompletedProcess, *needles: str) -> str:
     for needle in needles:
         assert needle in line, f"{needle!r} not in {line!r}"
     return line
+
+
+def assert_run_error(res: subprocess.CompletedProcess, *needles: str) -> str:
+    """Like :func:`assert_user_error` for a failure after stages started: progress lines may come
+    first, the error is the one ``error:`` line and the last line."""
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, f"exit {res.returncode}\n{res.stderr}"
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], res.stderr
+    for needle in needles:
+        assert needle in lines[-1], f"{needle!r} not in {lines[-1]!r}"
+    return lines[-1]
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
@@ -346,3 +359,241 @@ def test_bad_input_keeps_finished_run(finished_run: tuple[Path, dict[str, str]],
     recipe = write_yaml(tmp_path / "bad.yaml", data)
     assert_user_error(compress(recipe, out, *extra))
     assert snapshot(out) == before
+
+
+# issue 19: every input that used to end in a traceback -------------------------------------------
+@pytest.mark.parametrize(("item", "needles"), [
+    ("name=[1, 2", ("--set name", "not plain YAML")),
+    ("seed=!!python/object/apply:os.system ['echo pwned']", ("--set seed", "not plain YAML")),
+    ("passes=3", ("recipe.passes", "valid list")),
+    ("seed=-1", ("recipe.seed", "greater than or equal to 0")),
+], ids=["yaml-syntax", "python-tag", "passes-not-a-list", "negative-seed"])
+def test_bad_set_values(tmp_path: Path, item: str, needles: tuple[str, ...]) -> None:
+    recipe = write_yaml(tmp_path / "r.yaml", quick_recipe())
+    res = compress(recipe, tmp_path / "run", "--set", item)
+    assert_user_error(res, *needles)
+    assert "pwned" not in res.stdout + res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["raw-pickle", "torch-save"])
+def test_pickled_checkpoint_is_one_line_without_torchs_warning(tmp_path: Path, kind: str) -> None:
+    """Refused, never executed, and without torch's warning or its advice to use weights_only=False."""
+    ckpt = tmp_path / "evil.pt"
+    payload = {"w": _Evil(str(tmp_path / "pwned"))}
+    if kind == "raw-pickle":
+        import pickle
+
+        ckpt.write_bytes(pickle.dumps(payload, protocol=4))
+    else:
+        torch.save(payload, ckpt)
+    recipe = write_yaml(tmp_path / "r.yaml", quick_recipe(model=dict(builtin_model(), checkpoint=str(ckpt))))
+    line = assert_user_error(compress(recipe, tmp_path / "run"), "model.checkpoint", "refusing to unpickle")
+    assert "weights_only" not in line and "\x1b" not in line
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Evil:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):  # noqa: ANN204 - would create a file if unpickled
+        return (open, (self.path, "w"))
+
+
+def test_negative_seed_in_the_recipe(tmp_path: Path) -> None:
+    recipe = write_yaml(tmp_path / "r.yaml", quick_recipe(seed=-1))
+    assert_user_error(compress(recipe, tmp_path / "run"), "recipe.seed")
+
+
+def test_binary_file_as_recipe(tmp_path: Path) -> None:
+    recipe = tmp_path / "model.safetensors"
+    recipe.write_bytes(bytes(range(256)) * 8)
+    assert_user_error(compress(recipe, tmp_path / "run"), "recipe", str(recipe), "not a text file")
+    assert not (tmp_path / "run").exists()
+
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` (with one tiny IDAT): PIL's size check
+    sees the claim without the test allocating the pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["bomb", "corrupt", "truncated", "grayscale"])
+def test_bad_image_that_is_not_first_in_its_class(tmp_path: Path, kind: str) -> None:
+    """Every image is opened before any stage runs, not only each class's first one."""
+    root = image_folder(tmp_path / "imgs")
+    bad = root / "train" / "b" / "9.png"  # sorted after 0..2.png: never the first of its class
+    if kind == "bomb":
+        png_claiming(bad, 20000, 20000)
+    elif kind == "corrupt":
+        bad.write_bytes(b"this is not an image")
+    elif kind == "truncated":
+        write_png(bad, size=64)
+        bad.write_bytes(bad.read_bytes()[:60])
+    else:
+        write_png(bad, mode="L")
+    recipe = write_yaml(tmp_path / "r.yaml", quick_recipe(data=imagefolder_data(root)))
+    res = compress(recipe, tmp_path / "run")
+    needle = {"bomb": "too large to decode safely", "corrupt": "cannot read image", "truncated": "cannot read image",
+              "grayscale": "not 3-channel RGB"}[kind]
+    assert_user_error(res, "data.train", str(bad), needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_images_skipped_and_listed_when_asked(tmp_path: Path) -> None:
+    from edgevit.data import build_data
+    from edgevit.data.config import ImageFolderData
+    from edgevit.models.sources import BuiltinSource, load_model
+
+    root = image_folder(tmp_path / "imgs", per_class=4)
+    (root / "train" / "a" / "2.png").write_bytes(b"not an image")
+    png_claiming(root / "val" / "b" / "9.png", 20000, 20000)
+    graph = load_model(BuiltinSource(source="builtin", kwargs=TINY_KWARGS))
+    data = build_data(ImageFolderData.model_validate(imagefolder_data(root, bad_images="skip")), graph.spec, 0)
+    assert len(data.train) == 7 and len(data.val) == 8
+    assert sorted(Path(p).name for p, _ in data.skipped) == ["2.png", "9.png"]
+    assert all(why for _, why in data.skipped)
+    x, _ = next(iter(data.val_loader()))
+    assert x.shape[0] == 8
+    with pytest.raises(EdgeVitError, match="2.png"):  # off by default
+        build_data(ImageFolderData.model_validate(imagefolder_data(root)), graph.spec, 0)
+
+
+def test_class_folder_that_is_a_broken_symlink(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "imgs")
+    (root / "train" / "c").symlink_to(tmp_path / "gone")
+    recipe = write_yaml(tmp_path / "r.yaml", quick_recipe(data=imagefolder_data(root)))
+    assert_user_error(compress(recipe, tmp_path / "run"), "data.train", str(root / "train" / "c"), "broken symlink")
+
+
+def test_out_is_a_file(tmp_path: Path) -> None:
+    recipe = write_yaml(tmp_path / "r.yaml", quick_recipe())
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    assert_user_error(compress(recipe, target), "--out", str(target), "is a file")
+    assert target.read_text() == "mine"
+
+
+def test_out_is_the_recipes_own_folder(tmp_path: Path) -> None:
+    """`--out .` beside a commented recipe.yaml and a report.md: refused, both files untouched."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    recipe = folder / "recipe.yaml"
+    recipe.write_text("# my comments\n" + yaml.safe_dump(quick_recipe()))
+    (folder / "report.md").write_text("my notes\n")
+    before = snapshot(folder)
+    res = run_cli("compress", "recipe.yaml", "--out", ".", cwd=folder)
+    assert_user_error(res, "--out", "not an edgevit run", "recipe.yaml")
+    assert snapshot(folder) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes a 0555 directory anyway")
+def test_read_only_out(tmp_path: Path) -> None:
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        recipe = write_yaml(tmp_path / "r.yaml", quick_recipe())
+        assert_user_error(compress(recipe, out), str(out), "Permission denied")
+    finally:
+        out.chmod(0o755)
+
+
+def run_hooked(hook: str, *args: str) -> subprocess.CompletedProcess:
+    from tests.test_run_safety import run_hooked as run
+
+    return run(hook, *args)
+
+
+def test_read_only_out_simulated(tmp_path: Path) -> None:
+    """A read-only file system under --out (EROFS), simulated in the CLI's process (works as root)."""
+    out = tmp_path / "ro"
+    hook = f"""
+        import errno, os
+        _open = os.open
+        def _ro(path, flags, *a, **k):
+            if str(path).startswith({str(out)!r}) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return _open(path, flags, *a, **k)
+        os.open = _ro
+    """
+    out.mkdir()
+    recipe = write_yaml(tmp_path / "r.yaml", quick_recipe())
+    res = run_hooked(hook, "compress", str(recipe), "--out", str(out))
+    assert_user_error(res, str(out), "Read-only file system", "writable --out")
+
+
+def test_full_disk_mid_run(tmp_path: Path) -> None:
+    """ENOSPC while a stage saves its weights: one line; the finished stage is kept and a re-run resumes."""
+    hook = """
+        import errno
+        import safetensors.torch as st
+        _real = st.save_file
+        def save_file(tensors, filename, metadata=None):
+            if "01-adapt" in str(filename):
+                raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+            _real(tensors, filename, metadata=metadata)
+        st.save_file = save_file
+    """
+    recipe = write_yaml(tmp_path / "r.yaml", quick_recipe())
+    out = tmp_path / "run"
+    res = run_hooked(hook, "compress", str(recipe), "--out", str(out))
+    assert_run_error(res, "No space left on device", "01-adapt", "free some space", "resumes")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["dir"] for s in manifest["stages"]] == ["00-source"]
+    again = compress(recipe, out)
+    assert again.returncode == 0, again.stderr
+    assert "00-source: unchanged" in again.stderr and (out / "01-adapt" / "model.safetensors").is_file()
+
+
+def test_damaged_manifest(finished_run: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    (out / "manifest.json").write_text('{"stages": [{"index": 0, "na')
+    before = snapshot(out)
+    recipe = write_yaml(tmp_path / "r.yaml", tiny_recipe_data())
+    assert_user_error(compress(recipe, out), "manifest.json", "damaged")
+    assert_user_error(run_cli("report", str(out)), "manifest.json", "damaged")
+    assert snapshot(out) == before
+
+
+def test_damaged_graph_json(finished_run: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """compress re-runs from the damaged stage (or with --no-rerun stops); report refuses; as an input
+    model (source: edgevit) it is one line too."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    (out / "01-adapt" / "graph.json").write_text('{"format": "edgevit.graph/1", "spec": {"blocks": [')
+    recipe = write_yaml(tmp_path / "r.yaml", tiny_recipe_data())
+    assert_user_error(run_cli("report", str(out)), "report", "01-adapt/graph.json", "sha256")
+    assert_user_error(compress(recipe, out, "--no-rerun"), "01-adapt/graph.json", "sha256", "--no-rerun")
+    as_input = write_yaml(tmp_path / "in.yaml", quick_recipe(model={"source": "edgevit",
+                                                                     "path": str(out / "01-adapt")}))
+    assert_user_error(compress(as_input, tmp_path / "run2"), "model.path", "graph.json", "damaged")
+
+
+def test_all_zero_layer_inputs_reaching_osscar(tmp_path: Path) -> None:
+    """A model whose weights are all zero gives OSSCAR a zero Gram matrix: one line, not LinAlgError."""
+    from edgevit.models.simple_vit import SimpleViT
+
+    ckpt = tmp_path / "zeros.safetensors"
+    save_file({k: torch.zeros_like(v) for k, v in SimpleViT(**TINY_KWARGS).state_dict().items()}, str(ckpt))
+    recipe = write_yaml(tmp_path / "r.yaml", tiny_recipe_data(
+        model=dict(builtin_model(), checkpoint=str(ckpt)), passes=[{"prune": {"method": "osscar", "mlp": 0.5}}]))
+    assert_run_error(compress(recipe, tmp_path / "run"), "passes[0].prune", "degenerate")
+
+
+def test_inspect_empty_onnx(tmp_path: Path) -> None:
+    empty = tmp_path / "model.onnx"
+    empty.write_bytes(b"")
+    assert_user_error(run_cli("inspect", str(empty)), "inspect", str(empty), "empty")

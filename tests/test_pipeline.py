@@ -67,7 +67,7 @@ def test_rerun_skips_finished_stages(cli_run) -> None:
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if stages(p)}
     res = run_cli("compress", str(recipe), "--out", str(out))
     assert res.returncode == 0, res.stderr
-    assert res.stderr.count("reused") == 4
+    assert res.stderr.count("reused") == 4 and "sha256" not in res.stderr
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if stages(p)}
     assert before == after
 
@@ -132,10 +132,16 @@ def test_input_checkpoint_is_never_modified(tmp_path) -> None:
 def test_no_resume_reruns_everything(tmp_path) -> None:
     data = tiny_recipe_data(passes=[{"export": {"opset": 13, "parity_samples": 8}}])
     run_pipeline(data, tmp_path / "run")
+    stage_files = sorted(p for d in ("00-source", "01-export") for p in (tmp_path / "run" / d).iterdir())
+    assert {p.name for p in stage_files} >= {"graph.json", "metrics.json", "model.safetensors", "model.onnx"}
+    before = {p: p.stat().st_mtime_ns for p in stage_files}
     recipe, steps = parse_recipe(data, tmp_path, Registry())
     buf = io.StringIO()
     Pipeline(recipe, steps, tmp_path / "run", Registry(), Console(file=buf), resume=False).run()
-    assert "reused" not in buf.getvalue()
+    for p, mtime in before.items():  # every stage file was written again, none kept
+        assert p.is_file() and p.stat().st_mtime_ns > mtime, p
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert [s["dir"] for s in manifest["stages"]] == ["00-source", "01-export"]
 
 
 def test_calibration_from_the_train_split_is_not_augmented() -> None:

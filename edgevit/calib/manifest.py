@@ -47,7 +47,7 @@ def sha256_file(path: Path) -> str:
 
 
 def build_manifest(data: Any, n: int, seed: int, split: str, out: Path) -> Manifest:
-    """Choose ``n`` images of ``split`` from a :class:`DataBundle` and write ``out``."""
+    """Choose ``n`` images of ``split`` from a :class:`TaskData` and write ``out``."""
     from PIL import Image
 
     out = Path(out)

@@ -20,6 +20,8 @@ def compress(
     threads: int | None = typer.Option(None, "--threads", min=1, metavar="N",
                                        help="CPU threads for torch and ONNX Runtime (default: the recipe's "
                                        "threads, else one per idle core)"),
+    no_rerun: bool = typer.Option(False, "--no-rerun", help="stop with an error, instead of re-running from it, "
+                                  "when a finished stage's files no longer match their recorded sha256"),
 ) -> None:
     """Run RECIPE's passes on its model; writes runs/<name>/ and prints a table per stage.
 
@@ -38,7 +40,8 @@ def compress(
     threads_used = apply_threads(choose_threads(threads or rec.threads))
     run_dir = out or Path("runs") / rec.name
     try:
-        report = Pipeline(rec, steps, run_dir, registry, console, resume=not no_resume).run()
+        report = Pipeline(rec, steps, run_dir, registry, console, resume=not no_resume, rerun_changed=not no_rerun,
+                          recipe_path=recipe).run()
     finally:
         distributed.shutdown()
     if not env.is_main:

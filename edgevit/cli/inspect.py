@@ -21,6 +21,8 @@ def inspect(
     if path.suffix == ".onnx":
         if not path.is_file():
             raise EdgeVitError(f"inspect: file not found: {path}")
+        if path.stat().st_size == 0:
+            raise EdgeVitError(f"inspect: {path} is empty (0 bytes), not an ONNX model; export it again")
         _inspect_onnx(path, console, layers)
         return
     from edgevit.graph import ModelGraph

@@ -19,19 +19,49 @@ def report(
 ) -> None:
     """Rebuild RUN/report.md and report.json; print host figures and predicted vs measured on the device."""
     from edgevit.fileio import write_json
-    from edgevit.report import build_report, read_measured
+    from edgevit.report import read_measured
+    from edgevit.rundir import RunLock
 
     if not (run / "manifest.json").is_file():
         raise EdgeVitError(f"report: {run} is not a run directory (no manifest.json); pass runs/<recipe name>")
-    for path in measured:
-        if not path.is_file():
-            raise EdgeVitError(f"report: measured file not found: {path}")
-        data = read_measured(path)
-        device = (data.get("device") or {}).get("model") or "device"
-        stem = "".join(c if c.isalnum() else "-" for c in device).strip("-").lower() or "device"
-        stages = "-".join(str(s["stage"]) for s in data["stages"]) or "stages"
-        write_json(run / "measured" / f"{stem}-{stages}-{path.stem}.json", data)
-    print_report(build_report(run), run)
+    with RunLock(run):  # not while a compress is writing the run
+        checked_manifest(run)
+        for path in measured:
+            if not path.is_file():
+                raise EdgeVitError(f"report: measured file not found: {path}")
+            data = read_measured(path)
+            device = (data.get("device") or {}).get("model") or "device"
+            stem = "".join(c if c.isalnum() else "-" for c in device).strip("-").lower() or "device"
+            stages = "-".join(str(s["stage"]) for s in data["stages"]) or "stages"
+            write_json(run / "measured" / f"{stem}-{stages}-{path.stem}.json", data)
+        rep = _build(run)
+    print_report(rep, run)
+
+
+def checked_manifest(run: Path) -> dict:
+    """The manifest, and every stage it lists verified against the sha256s recorded when the
+    stage finished: the report never describes files that are not the ones measured."""
+    from edgevit.rundir import changed_file, read_manifest
+
+    manifest = read_manifest(run / "manifest.json")
+    for st in manifest["stages"]:
+        if "files" not in st:
+            continue  # a run from before stages recorded their sha256s
+        changed = changed_file(run / st["dir"], st["files"])
+        if changed is not None:
+            raise EdgeVitError(f"report: {run / st['dir'] / changed} changed since {st['dir']} finished (sha256 "
+                               "mismatch); run edgevit compress with the same recipe and --out to re-run it")
+    return manifest
+
+
+def _build(run: Path) -> dict:
+    from edgevit.report import build_report
+
+    try:
+        return build_report(run)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a stage file the manifest lists is unreadable
+        raise EdgeVitError(f"report: cannot rebuild the report of {run}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}; re-run edgevit compress on it") from e
 
 
 def print_report(rep: dict, run: Path) -> None:

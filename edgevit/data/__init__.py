@@ -1,5 +1,5 @@
 """Data sources: ImageFolder directories, scikit-learn digits (offline), and .npz arrays."""
 
-from edgevit.data.bundle import DataBundle, build_data
+from edgevit.data.task_data import TaskData, build_data
 
-__all__ = ["DataBundle", "build_data"]
+__all__ = ["TaskData", "build_data"]

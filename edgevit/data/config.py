@@ -25,6 +25,9 @@ class ImageFolderData(_DataBase):
     val: Path
     to_rgb: bool = Field(False, description="convert grayscale/RGBA images to RGB instead of failing")
     augment: Augment = "crop_flip"
+    bad_images: Literal["error", "skip"] = Field(
+        "error", description="every image is opened before any stage runs; a corrupt, oversized or (without "
+        "to_rgb) non-RGB image is an error, or with skip left out and listed")
 
 
 class DigitsData(_DataBase):

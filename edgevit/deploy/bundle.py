@@ -15,6 +15,7 @@ Layout (``bundle.json`` is the index; the Jetson script's docstring fixes its fo
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from edgevit.calib.manifest import sha256_file as sha256
 from edgevit.deploy.jetson import edgevit_jetson_bench as jetson
-from edgevit.fileio import replace_dir, write_json, write_text
+from edgevit.fileio import current_umask, replace_dir, write_json, write_text
+from edgevit.fileio import sha256_file as sha256
 
 SCRIPT = Path(jetson.__file__)
 BUNDLE_FORMAT = jetson.FORMAT_IN
@@ -38,11 +39,14 @@ def write_bundle(out: Path, *, onnx_path: Path, stage: str, precision: str, work
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = current_umask()
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700: another user on the board must read the bundle
     try:
         shutil.copyfile(onnx_path, tmp / "model.onnx")
         np.savez_compressed(tmp / "val.npz", x=val_x.astype(np.float32), y=val_y.astype(np.int64))
         write_text(tmp / "labels.txt", "\n".join(labels) + "\n")
         shutil.copyfile(SCRIPT, tmp / SCRIPT.name)
+        os.chmod(tmp / SCRIPT.name, 0o777 & ~umask)  # runnable as ./edgevit_jetson_bench.py
         for rel, src in (extra_files or {}).items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / rel)

@@ -3,6 +3,8 @@ unpickle), each failure turned into one line that says what to do."""
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,14 +24,20 @@ def read_state_dict(path: Path, where: str = "model.checkpoint") -> dict[str, to
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path), device="cpu")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it then refuses
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise EdgeVitError(
             f"{where}: cannot read {path} (truncated or not a weights file?): {reason}"
         ) from e
     except Exception as e:  # pickle.UnpicklingError and friends from weights_only loading
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # torch's message advises weights_only=False; name only what was refused
+        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        other = re.search(r"WeightsUnpickler error:\s*(.+?)\n\n", str(e), re.S)
+        reason = (f"it needs {needs.group(1)}" if needs else " ".join(other.group(1).split()).lower() if other
+                  else type(e).__name__)
         raise EdgeVitError(
             f"{where}: {path} is not a plain tensor checkpoint (refusing to unpickle arbitrary "
             f"objects): {reason}; save the state_dict as .safetensors"

@@ -36,5 +36,13 @@ class Pass(ABC):
         self.config = config
         self.metrics: dict[str, Any] = {}
 
+    @classmethod
+    def preflight(cls, config: PassConfig, ctx: RunContext, where: str) -> None:
+        """Raise an EdgeVitError now if ``config`` cannot run in ``ctx`` (e.g. a precision the
+        device profile lacks). Called for every pass before any stage runs or any file of the
+        run dir changes, so a bad request never costs finished work. ``where`` names the step
+        (``passes[3].quantize``) for the message."""
+        return None  # most passes can only fail on what they find when they run
+
     @abstractmethod
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph: ...

@@ -103,6 +103,14 @@ class QuantizePass(Pass):
         graph.artifacts["onnx"] = out
         return graph
 
+    @classmethod
+    def preflight(cls, config: PassConfig, ctx: RunContext, where: str) -> None:
+        cfg: QuantizeConfig = config  # type: ignore[assignment]
+        p = ctx.profile
+        if p is not None and not p.supports(cfg.precision) and (cfg.strict or not p.supports("fp16")):
+            raise EdgeVitError(f"{where}.precision: {p.name} does not support {cfg.precision} "
+                               f"(it supports {', '.join(p.precisions)}); change the precision or the profile")
+
     def _precision(self, cfg: QuantizeConfig, ctx: RunContext) -> str:
         p = ctx.profile
         if p is None or p.supports(cfg.precision):

@@ -2,7 +2,8 @@
 
 What is optimised comes from an :class:`Objective` (cross-entropy for adapt; KD and feature
 losses for distill), which parameters train comes from the caller (the tuner). The loop
-checkpoints after every epoch under ``work_dir`` and resumes from there, reseeding each
+checkpoints after every epoch under ``work_dir`` (as one unit: ``training/checkpoint.py``)
+and resumes from there, reseeding each
 epoch from (seed, epoch) so a resumed run matches an uninterrupted one.
 """
 
@@ -10,17 +11,17 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from edgevit.context import RunContext
-from edgevit.fileio import atomic_path, read_json, write_json
 from edgevit.training import distributed
+from edgevit.training.checkpoint import load_checkpoint, save_checkpoint
 from edgevit.training.evaluate import count_correct
 
 
@@ -96,6 +97,22 @@ def _schedule(cfg: TrainConfig, steps_per_epoch: int) -> Any:
     return factor
 
 
+@dataclass
+class _Trainer:
+    """Everything one training run updates: the step module, what trains and how."""
+
+    model: nn.Module
+    extra: nn.Module
+    step: nn.Module
+    params: list[tuple[str, nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    use_amp: bool
+    amp_dtype: torch.dtype
+    steps_per_epoch: int
+
+
 def train(
     model: nn.Module,
     objective: Objective,
@@ -110,6 +127,42 @@ def train(
 
     Under torchrun the step runs in DistributedDataParallel, each rank on its shard of the
     data; rank 0 alone writes checkpoints, and every rank ends with the same weights."""
+    env = distributed.current()
+    t = _build_trainer(model, objective, cfg, ctx, trainable, hooks)
+    ckpt = work_dir / "checkpoint"
+    start_epoch, log, seconds = _resume(t, ckpt, ctx, cfg, description)
+    if hooks is not None:  # a tuner's per-step schedule (SliceFine moves its slices)
+        hooks.start(start_epoch * t.steps_per_epoch)
+    val_loader = ctx.data.val_loader(rank=env.rank, world=env.world)
+    with ctx.progress() as progress:
+        task = progress.add_task(description, total=cfg.epochs * t.steps_per_epoch,
+                                 completed=start_epoch * t.steps_per_epoch, info="")
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            sums, n = _train_epoch(t, cfg, ctx, epoch, hooks,
+                                   lambda info: progress.update(task, advance=1, info=info))
+            correct, total = env.sum(list(count_correct(model, val_loader, ctx.device)), ctx.device)
+            top1 = 100.0 * correct / max(total, 1)
+            seconds += time.perf_counter() - t0
+            entry = {"epoch": epoch + 1, "val_top1": round(top1, 2), "seconds": round(time.perf_counter() - t0, 2)}
+            entry.update({k: round(v / max(n, 1), 4) for k, v in sums.items()})
+            log.append(entry)
+            progress.update(task, info=f"epoch {epoch + 1}/{cfg.epochs} val_top1={top1:.2f}%")
+            if not ctx.console.is_terminal:
+                shown = ", ".join(f"{k}={v}" for k, v in entry.items() if k != "epoch")
+                ctx.console.print(f"  {description} epoch {epoch + 1}/{cfg.epochs}: {shown}")
+            if env.is_main:
+                _save_checkpoint(ckpt, model, t.extra, t.optimizer, t.scheduler, epoch, log, seconds)
+            env.barrier()
+    out = {"epochs": cfg.epochs, "val_top1": log[-1]["val_top1"], "train_seconds": round(seconds, 2), "log": log}
+    if env.enabled:
+        out.update(world_size=env.world, ranks_in_sync=distributed.params_in_sync(model, env))
+    return out
+
+
+def _build_trainer(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunContext,
+                   trainable: list[tuple[str, nn.Parameter]] | None, hooks: Any) -> _Trainer:
+    """Move to the device, wrap in DDP under torchrun, and set up AdamW + schedule + AMP."""
     env = distributed.current()
     device = ctx.device
     model.to(device)
@@ -128,80 +181,62 @@ def train(
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    return _Trainer(model, extra, step, params, optimizer, scheduler, scaler, use_amp, amp_dtype, steps_per_epoch)
 
-    ckpt = work_dir / "checkpoint"
-    log: list[dict[str, Any]] = []
-    start_epoch, seconds = 0, 0.0
-    if (ckpt / "trainer.json").is_file():
-        state = read_json(ckpt / "trainer.json")
-        weights = load_file(str(ckpt / "weights.safetensors"), device=str(device))
-        model.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("model.")})
-        extra.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("extra.")})
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, log, seconds = state["epoch"] + 1, state["log"], state["seconds"]
-        ctx.console.print(f"  resuming {description} after epoch {start_epoch} of {cfg.epochs}")
 
-    if hooks is not None:  # a tuner's per-step schedule (SliceFine moves its slices)
-        hooks.start(start_epoch * steps_per_epoch)
-    val_loader = ctx.data.val_loader(rank=env.rank, world=env.world)
-    with ctx.progress() as progress:
-        task = progress.add_task(description, total=cfg.epochs * steps_per_epoch,
-                                 completed=start_epoch * steps_per_epoch, info="")
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            torch.manual_seed(ctx.seed * 1_000_003 + epoch + 7_919 * env.rank)
-            model.train()
-            extra.train()
-            sums: dict[str, float] = {}
-            n = 0
-            for images, labels in ctx.data.train_loader(ctx.seed, epoch, env.rank, env.world):
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss, terms = step(images, labels)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                if hooks is not None:
-                    hooks.after_step(epoch * steps_per_epoch + n, optimizer)
-                n += 1
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                info = " ".join(f"{k}={v / n:.3f}" for k, v in sums.items())
-                progress.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} {info}")
-            correct, total = env.sum(list(count_correct(model, val_loader, device)), device)
-            top1 = 100.0 * correct / max(total, 1)
-            seconds += time.perf_counter() - t0
-            entry = {"epoch": epoch + 1, "val_top1": round(top1, 2), "seconds": round(time.perf_counter() - t0, 2)}
-            entry.update({k: round(v / max(n, 1), 4) for k, v in sums.items()})
-            log.append(entry)
-            progress.update(task, info=f"epoch {epoch + 1}/{cfg.epochs} val_top1={top1:.2f}%")
-            if not ctx.console.is_terminal:
-                shown = ", ".join(f"{k}={v}" for k, v in entry.items() if k != "epoch")
-                ctx.console.print(f"  {description} epoch {epoch + 1}/{cfg.epochs}: {shown}")
-            if env.is_main:
-                _save_checkpoint(ckpt, model, extra, optimizer, scheduler, epoch, log, seconds)
-            env.barrier()
-    out = {"epochs": cfg.epochs, "val_top1": log[-1]["val_top1"], "train_seconds": round(seconds, 2), "log": log}
-    if env.enabled:
-        out.update(world_size=env.world, ranks_in_sync=distributed.params_in_sync(model, env))
-    return out
+def _resume(t: _Trainer, ckpt: Path, ctx: RunContext, cfg: TrainConfig,
+            description: str) -> tuple[int, list[dict[str, Any]], float]:
+    """(first epoch to run, log so far, seconds so far) from a verified checkpoint, else a fresh start."""
+    found, problem = load_checkpoint(ckpt, ctx.device)
+    if problem:
+        ctx.console.print(f"[yellow]warning:[/yellow] {description}: ignoring the checkpoint ({problem}); "
+                          "training this stage from the start")
+    if found is None:
+        return 0, [], 0.0
+    t.model.load_state_dict({k[6:]: v for k, v in found.weights.items() if k.startswith("model.")})
+    t.extra.load_state_dict({k[6:]: v for k, v in found.weights.items() if k.startswith("extra.")})
+    t.optimizer.load_state_dict(found.optimizer)
+    t.scheduler.load_state_dict(found.trainer["scheduler"])
+    state = found.trainer
+    ctx.console.print(f"  resuming {description} after epoch {state['epoch'] + 1} of {cfg.epochs}")
+    return state["epoch"] + 1, state["log"], state["seconds"]
+
+
+def _train_epoch(t: _Trainer, cfg: TrainConfig, ctx: RunContext, epoch: int, hooks: Any,
+                 report: Any) -> tuple[dict[str, float], int]:
+    """One pass over the training data, reseeded from (seed, epoch) so a resume repeats it exactly;
+    returns the summed loss terms and the number of steps."""
+    env = distributed.current()
+    device = ctx.device
+    torch.manual_seed(ctx.seed * 1_000_003 + epoch + 7_919 * env.rank)
+    t.model.train()
+    t.extra.train()
+    sums: dict[str, float] = {}
+    n = 0
+    for images, labels in ctx.data.train_loader(ctx.seed, epoch, env.rank, env.world):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=t.amp_dtype, enabled=t.use_amp):
+            loss, terms = t.step(images, labels)
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            t.scaler.unscale_(t.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for _, p in t.params], cfg.grad_clip)
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        t.scheduler.step()
+        if hooks is not None:
+            hooks.after_step(epoch * t.steps_per_epoch + n, t.optimizer)
+        n += 1
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v
+        report(f"epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k}={v / n:.3f}" for k, v in sums.items()))
+    return sums, n
 
 
 def _save_checkpoint(ckpt: Path, model: nn.Module, extra: nn.Module, optimizer: Any, scheduler: Any,
                      epoch: int, log: list, seconds: float) -> None:
-    ckpt.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra.state_dict().items()})
-    with atomic_path(ckpt / "weights.safetensors") as tmp:
-        save_file(tensors, str(tmp))
-    with atomic_path(ckpt / "optimizer.pt") as tmp:
-        torch.save(optimizer.state_dict(), tmp)
-    # trainer.json last: it is what marks the checkpoint complete
-    state = {"epoch": epoch, "log": log, "seconds": seconds, "scheduler": scheduler.state_dict()}
-    write_json(ckpt / "trainer.json", state)
+    trainer = {"epoch": epoch, "log": log, "seconds": seconds, "scheduler": scheduler.state_dict()}
+    save_checkpoint(ckpt, tensors, optimizer.state_dict(), trainer)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import os
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 from edgevit.data.config import DigitsData, ImageFolderData, NpzData
 from edgevit.errors import EdgeVitError
@@ -46,7 +52,10 @@ class ArrayDataset(Dataset):
 
 
 @dataclass
-class DataBundle:
+class TaskData:
+    """A task's training and validation images, prepared for the model (not the deploy bundle,
+    ``edgevit/deploy/bundle.py``)."""
+
     train: Dataset
     val: Dataset
     num_classes: int
@@ -56,6 +65,7 @@ class DataBundle:
     num_workers: int = 0
     train_plain: Dataset | None = None  # the training images without augmentation (calibration)
     prep: dict | None = None  # img_size, mean, std the images are prepared with
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why): bad images left out
 
     def train_loader(self, seed: int, epoch: int, rank: int = 0, world: int = 1) -> DataLoader:
         """Shuffled deterministically by (seed, epoch), so a resumed run sees the same order.
@@ -146,42 +156,81 @@ def _check_channels(mode: str, where: str, path: object, to_rgb: bool) -> None:
         )
 
 
-def _image_folder(root: Path, where: str, transform, to_rgb: bool):  # noqa: ANN001, ANN202
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.datasets import ImageFolder
-
+def _classes(root: Path, where: str) -> list[str]:
+    """Class folder names; a class folder that is a broken symlink is an error, not a class dropped."""
     if not root.is_dir():
         raise EdgeVitError(f"{where}: directory not found: {root}")
     try:
-        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        entries = sorted(root.iterdir())
     except OSError as e:
         raise EdgeVitError(f"{where}: cannot read directory {root}: {e.strerror or e}") from e
+    for d in entries:
+        if d.is_symlink() and not d.exists():
+            raise EdgeVitError(f"{where}: class folder {d} is a broken symlink (to {os.readlink(d)}); "
+                               "fix or remove it")
+    classes = [d.name for d in entries if d.is_dir()]
     if not classes:
         raise EdgeVitError(f"{where}: no class folders in {root}; expected ImageFolder layout root/<class>/<image>")
+    return classes
 
-    def load(path: str) -> Image.Image:
-        try:
-            img = Image.open(path)
-            img.load()
-        except (UnidentifiedImageError, OSError) as e:
-            raise EdgeVitError(f"{where}: cannot read image {path}: {e}") from e
-        _check_channels(img.mode, where, path, to_rgb)
-        return img.convert("RGB")
+
+def open_image(path: str, where: str, to_rgb: bool) -> Image.Image:
+    """One image as RGB, or an EdgeVitError naming it (see :func:`decode_image`)."""
+    return decode_image(path, where, to_rgb).convert("RGB")
+
+
+def decode_image(path: str, where: str, to_rgb: bool) -> Image.Image:
+    """Open and decode one image, or raise an EdgeVitError naming it (corrupt, truncated, a
+    decompression bomb, or not RGB without ``to_rgb``)."""
+    from PIL import Image
 
     try:
-        ds = ImageFolder(str(root), transform=transform, loader=load,
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise EdgeVitError(f"{where}: {path} is too large to decode safely ({str(e).split(' pixels')[0]} pixels); "
+                           "resize or remove it") from e
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for damaged files
+        raise EdgeVitError(f"{where}: cannot read image {path}: {e}") from e
+    _check_channels(img.mode, where, path, to_rgb)
+    return img
+
+
+def _image_folder(root: Path, where: str, transform, to_rgb: bool):  # noqa: ANN001, ANN202
+    from torchvision.datasets import ImageFolder
+
+    _classes(root, where)
+    try:
+        ds = ImageFolder(str(root), transform=transform, loader=lambda p: open_image(p, where, to_rgb),
                          is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
     except FileNotFoundError as e:
         raise EdgeVitError(f"{where}: no images found in {root} (extensions {', '.join(IMAGE_EXTENSIONS)})") from e
     except OSError as e:
         raise EdgeVitError(f"{where}: cannot read {root}: {e.strerror or e}") from e
-    # read the first image of every class now, so a bad data set fails before any stage runs
-    seen: set[int] = set()
-    for path, label in ds.samples:
-        if label not in seen:
-            seen.add(label)
-            load(path)
     return ds
+
+
+def _check_images(ds: Dataset, where: str, to_rgb: bool, skip: bool) -> tuple[Dataset, list[tuple[str, str]]]:
+    """Open every image the run will use, before any stage runs: a bad one fails now (one line
+    naming it), or with ``skip`` is left out and listed."""
+    base, indices = (ds.dataset, list(ds.indices)) if isinstance(ds, Subset) else (ds, list(range(len(ds))))
+    keep: list[int] = []
+    bad: list[tuple[str, str]] = []
+    for i in indices:
+        path = base.samples[i][0]
+        try:
+            decode_image(path, where, to_rgb).close()
+        except EdgeVitError as e:
+            if not skip:
+                raise
+            bad.append((path, str(e).removeprefix(f"{where}: ")))
+            continue
+        keep.append(i)
+    if not bad:
+        return ds, []
+    return Subset(base, keep), bad
 
 
 def _check_array(x: np.ndarray, where: str, to_rgb: bool) -> np.ndarray:
@@ -196,7 +245,7 @@ def _check_array(x: np.ndarray, where: str, to_rgb: bool) -> np.ndarray:
     return x
 
 
-def build_data(cfg: ImageFolderData | DigitsData | NpzData, spec: GraphSpec, seed: int) -> DataBundle:
+def build_data(cfg: ImageFolderData | DigitsData | NpzData, spec: GraphSpec, seed: int) -> TaskData:
     """Load and check the data set before any stage runs; image size and normalisation come
     from the model so the data always fits it."""
     if spec.in_chans != 3:
@@ -210,6 +259,10 @@ def build_data(cfg: ImageFolderData | DigitsData | NpzData, spec: GraphSpec, see
                 f"data: train classes {train.classes[:5]}... differ from val classes {val.classes[:5]}..."
             )
         names = list(train.classes)
+        skip = cfg.bad_images == "skip"
+        train, bad_train = _check_images(_limit(train, cfg.limit_train, seed), "data.train", cfg.to_rgb, skip)
+        val, bad_val = _check_images(_limit(val, cfg.limit_val, seed + 1), "data.val", cfg.to_rgb, skip)
+        skipped = bad_train + bad_val
     elif isinstance(cfg, DigitsData):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
@@ -232,9 +285,10 @@ def build_data(cfg: ImageFolderData | DigitsData | NpzData, spec: GraphSpec, see
         xt, xv = _check_array(xt, "data.path", cfg.to_rgb), _check_array(xv, "data.path", cfg.to_rgb)
         train, val = ArrayDataset(xt, yt, train_tf), ArrayDataset(xv, yv, val_tf)
         names = [str(i) for i in range(int(max(yt.max(), yv.max())) + 1)]
-    train, val = _limit(train, cfg.limit_train, seed), _limit(val, cfg.limit_val, seed + 1)
+    if not isinstance(cfg, ImageFolderData):
+        train, val, skipped = _limit(train, cfg.limit_train, seed), _limit(val, cfg.limit_val, seed + 1), []
     if len(train) == 0 or len(val) == 0:
         raise EdgeVitError("data: the training or validation set is empty")
-    return DataBundle(train, val, len(names), names, cfg.batch_size, cfg.eval_batch_size, cfg.num_workers,
-                      train_plain=_with_transform(train, val_tf),
-                      prep={"img_size": tuple(spec.img_size), "mean": spec.mean, "std": spec.std})
+    return TaskData(train, val, len(names), names, cfg.batch_size, cfg.eval_batch_size, cfg.num_workers,
+                    train_plain=_with_transform(train, val_tf),
+                    prep={"img_size": tuple(spec.img_size), "mean": spec.mean, "std": spec.std}, skipped=skipped)
