@@ -123,6 +123,41 @@ def vit_b_layer_seconds(device: str, tokens: int, sizes: str) -> list[str]:
     return lines
 
 
+def compare_sizes(teacher, ctx, rounds: int) -> list[str]:  # noqa: ANN001
+    """OSSCAR on the reference teacher with the official step sizes and with the old ones
+    ((n − keep)//32 per greedy step, n//16 per swap), rounds interleaved: seconds and the
+    summed layer objectives (lower is better)."""
+    import torch
+
+    from edgevit.prune.plan import PlanConfig, plan
+    from edgevit.prune.reconstruct import HEAD_SIZES, UNIT_SIZES, SearchSizes, osscar_model
+
+    images, _ = ctx.calibration()
+    lines = []
+    for what in ("heads", "mlp"):
+        counts, _ = plan(teacher, PlanConfig(**{what: 0.5}))
+        b0 = teacher.spec.block(0)
+        n, keep = (b0.attn.num_heads, counts[0][0]) if what == "heads" else (b0.mlp.hidden, counts[0][1])
+        old = SearchSizes(max(1, (n - keep) // 32), max(1, n // 16))
+        sizes = {"official": (HEAD_SIZES, UNIT_SIZES), "old": (old, old)}
+        seconds: dict[str, list[float]] = {k: [] for k in sizes}
+        objective: dict[str, float] = {}
+        for _ in range(rounds):
+            for name, (hs, us) in sizes.items():
+                g = teacher.clone()
+                t0 = time.perf_counter()
+                log = osscar_model(g, counts, images, torch.device("cpu"), head_sizes=hs, unit_sizes=us)
+                seconds[name].append(time.perf_counter() - t0)
+                key = "heads_objective" if what == "heads" else "units_objective"
+                objective[name] = sum(e[key] for e in log)
+        for name, (hs, us) in sizes.items():
+            s = hs if what == "heads" else us
+            lines.append(f"osscar {what} 50% on the teacher, {name} sizes (greedy {s.greedy_step}, swap "
+                         f"{s.swap_size}): median {sorted(seconds[name])[len(seconds[name]) // 2]:.2f} s over "
+                         f"{rounds} interleaved rounds, summed objective {objective[name]:.6g}")
+    return lines
+
+
 def peak_rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -172,6 +207,8 @@ def main() -> None:
     ap.add_argument("--vit-small-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--vit-b-layer-only", action="store_true",
                     help="only time OSSCAR on ViT-B-sized fc2 and output-projection layers (synthetic inputs)")
+    ap.add_argument("--compare-sizes", type=int, default=0, metavar="ROUNDS",
+                    help="only time OSSCAR on the teacher with the official and the old step sizes")
     ap.add_argument("--tokens", type=int, default=16384, help="--vit-b-layer-only: calibration tokens")
     ap.add_argument("--sizes", choices=("official", "old"), default="official",
                     help="--vit-b-layer-only: OSSCAR step sizes")
@@ -199,6 +236,9 @@ def main() -> None:
     teacher = load_model(Recipe.model_validate(recipe).model)
     tmp = Path(tempfile.mkdtemp(prefix="edgevit-bench-prune-"))
     ctx = context(recipe, teacher, args.device, tmp)
+    if args.compare_sizes:
+        print("\n".join(compare_sizes(teacher, ctx, args.compare_sizes)))
+        return
     t_top1 = evaluate_top1(teacher.module.to(ctx.device), ctx.data.val_loader(), ctx.device)
     teacher.module.cpu()
     print(f"teacher: top-1 {t_top1:.2f}%, {teacher.num_params() / 1e6:.2f} M params, "

@@ -382,3 +382,49 @@ def test_latency_target_probes_each_shape_once_with_one_session(monkeypatch: pyt
     assert aim["predicted_ms_after"] == pytest.approx(predict_graph_latency(pruned, profile), abs=1e-3)
     assert aim["predicted_ms_before"] == pytest.approx(predict_graph_latency(g, profile), abs=1e-3)
     assert aim["predicted_ms_after"] <= 0.9 * aim["predicted_ms_before"]
+
+
+def _devices_of(graph: ModelGraph, counts: list[tuple[int, int]], images: torch.Tensor,
+                device: torch.device) -> tuple[set[torch.device], list[dict]]:
+    """Run OSSCAR on ``device``; the devices every Gram matrix and solve ran on."""
+    import edgevit.prune.reconstruct as rec
+
+    seen: set[torch.device] = set()
+    real = rec.osscar_prune
+
+    def spy(h, w_hat, groups, keep, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        out = real(h, w_hat, groups, keep, *a, **kw)
+        seen.update({h.device, out.weight.device})
+        assert h.dtype == out.weight.dtype == torch.float64
+        return out
+
+    rec.osscar_prune = spy
+    try:
+        log = osscar_model(graph, counts, images, device)
+    finally:
+        rec.osscar_prune = real
+    return seen, log
+
+
+def test_osscar_gram_and_solver_run_on_the_runs_device_in_float64() -> None:
+    acc = GramAccumulator(4, "meta")
+    acc.add(torch.randn(3, 4, device="meta"))
+    assert acc.h.device.type == "meta" and acc.h.dtype == torch.float64
+    g = _small_vit()
+    seen, _ = _devices_of(g, [(2, 32) for _ in g.spec.blocks], torch.randn(16, 3, 16, 16), torch.device("cpu"))
+    assert seen == {torch.device("cpu")}
+
+
+@pytest.mark.gpu
+def test_osscar_on_cuda_matches_the_cpu() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    images = torch.randn(32, 3, 16, 16)
+    counts = [(2, 32), (3, 24)]
+    cpu, gpu = _small_vit(), _small_vit()
+    _, log_cpu = _devices_of(cpu, counts, images, torch.device("cpu"))
+    seen, log_gpu = _devices_of(gpu, counts, images, torch.device("cuda"))
+    assert {d.type for d in seen} == {"cuda"}
+    assert [e["heads_kept"] for e in log_gpu] == [e["heads_kept"] for e in log_cpu]
+    gpu.module.cpu()
+    assert torch.allclose(gpu.module(images), cpu.module(images), atol=1e-4)

@@ -201,3 +201,137 @@ def test_a_tuner_name_typo_is_one_clear_line(tmp_path: Path, write_recipe) -> No
 
     res = run_cli("compress", str(write_recipe(_tuner_recipe({"name": "slicefin"}))), "--out", str(tmp_path / "r"))
     assert res.returncode == 2 and "Traceback" not in res.stderr and "tuner" in res.stderr
+
+
+def test_slicefine_slices_move_and_take_no_weight_decay() -> None:
+    """Every switch period trains another slice position, and AdamW's decay never touches the
+    slice entries (it would pull pretrained weights toward zero)."""
+    from edgevit.training.loop import _param_groups
+
+    def changed(cfg: SliceFineConfig) -> torch.Tensor:
+        g = _graph()
+        t = make_tuner(cfg)
+        before = g.module.get_submodule("blocks.1.attn.qkv").weight.detach().clone()
+        _steps(g, t, t.setup(g), 6)
+        t.finish(g)
+        return (g.module.get_submodule("blocks.1.attn.qkv").weight.detach() - before).abs()
+
+    diff = changed(SliceFineConfig(name="slicefine", layers=["qkv"], rank=1, switch_every=2, order="random",
+                                   seed=3, train_head=False))
+    assert len(set(torch.nonzero(diff.sum(0)).flatten().tolist())) >= 2  # seeded random columns: it moved
+    diff = changed(SliceFineConfig(name="slicefine", layers=["qkv"], rank=1, axis="alternate", switch_every=2,
+                                   train_head=False))
+    expected = torch.zeros_like(diff, dtype=torch.bool)
+    expected[:, 0] = expected[0, :] = expected[:, 1] = True  # sweep: column 0, then row 0, then column 1
+    assert torch.equal(diff > 0, expected)
+    g = _graph()
+    t = make_tuner(SliceFineConfig(name="slicefine", rank=2, train_head=False))
+    params = t.setup(g)
+    groups = _param_groups(params, 0.05, frozenset(t.no_weight_decay))
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 0.05 and not any(id(p) in decayed for n, p in params if ".slice." in n)
+    t.finish(g)
+
+
+def test_slicefine_alternate_counts_one_active_axis() -> None:
+    g = _graph()
+    t = make_tuner(SliceFineConfig(name="slicefine", layers=["fc1"], blocks=[0], rank=2, axis="alternate",
+                                   train_head=False))
+    params = t.setup(g)
+    fc1 = g.spec.block(0).mlp
+    cols, rows = 2 * fc1.hidden, 2 * g.spec.embed_dim  # fc1 weight is (hidden, embed)
+    assert sum(p.numel() for _, p in params) == cols + rows  # both value tensors exist ...
+    assert t.summary()["trainable_params"] == max(cols, rows)  # ... but one axis trains at a time
+    t.finish(g)
+
+
+def _side_step(cfg) -> ModelGraph:  # noqa: ANN001
+    g = _graph()
+    tuner = make_tuner(cfg)
+    params = tuner.setup(g)
+    _steps(g, tuner, params, 3)  # up-projections start at zero: train a little first
+    tuner.finish(g)
+    g.module.eval()
+    return g
+
+
+def test_losa_mixes_tokens_and_reads_every_block() -> None:
+    """Token 0 of one block's output moves token 5 of the side features (token mixing), and
+    every block's output changes the logits (not only the last one is read)."""
+    from edgevit.graph.extension import BlockFeatures
+
+    g = _side_step(LoSAConfig(name="losa", rank=4, token_rank=4))
+    side, spec = g.side, g.spec
+    assert side.reads(spec) == [b.index for b in spec.blocks]
+    torch.manual_seed(1)
+    outs = [torch.randn(2, spec.num_tokens, spec.embed_dim) for _ in spec.blocks]
+
+    def feats(i: int | None = None, token: int | None = None) -> list[BlockFeatures]:
+        fs = [BlockFeatures(output=o.clone()) for o in outs]
+        if i is not None:  # a random change (a constant one would vanish in the LayerNorms)
+            g_ = torch.Generator().manual_seed(i)
+            if token is None:
+                fs[i].output += torch.randn(fs[i].output.shape, generator=g_)
+            else:
+                fs[i].output[:, token] += torch.randn(fs[i].output[:, token].shape, generator=g_)
+        return fs
+
+    with torch.no_grad():
+        base = side.refine(feats())
+        moved = side.refine(feats(0, token=0))
+        assert (moved[:, 5] - base[:, 5]).abs().max() > 1e-6  # token 5 sees token 0 of block 0
+        logits = side(feats(), spec, g.backbone)
+        for i in range(spec.depth):
+            assert (side(feats(i), spec, g.backbone) - logits).abs().max() > 1e-6, f"block {i} is not read"
+
+
+def test_disentangled_never_changes_the_image_tokens_and_its_logits_depend_on_the_queries() -> None:
+    g = _side_step(DisentangledConfig(name="disentangled", num_queries=2, adapter_dim=8))
+    x = torch.randn(3, 3, 32, 32)
+    outs: dict[str, list[torch.Tensor]] = {"plain": [], "tuned": []}
+    for key, run in (("plain", lambda: g.backbone(x)), ("tuned", lambda: g.module(x))):
+        hooks = [g.backbone.get_submodule(b.path).register_forward_hook(
+            lambda _m, _a, out, k=key: outs[k].append(out.detach().clone())) for b in g.spec.blocks]
+        with torch.no_grad():
+            run()
+        for h in hooks:
+            h.remove()
+    assert len(outs["tuned"]) == g.spec.depth
+    assert all(torch.equal(a, b) for a, b in zip(outs["plain"], outs["tuned"], strict=True))  # bit-identical
+    with torch.no_grad():
+        logits = g.module(x)
+        g.side.queries.add_(torch.randn_like(g.side.queries))
+        assert (g.module(x) - logits).abs().max() > 1e-4  # the logits come from the queries
+
+
+@pytest.mark.parametrize("extras", [dict(act_layer=nn.SiLU), dict(init_values=0.3, qk_norm=True)],
+                         ids=["silu", "layerscale_qknorm"])
+def test_knowledge_extraction_is_the_blocks_own_forward_with_queries_attending_to_image_tokens(extras) -> None:
+    """The queries' outputs equal the block's own forward on [image tokens, queries] with an
+    attention mask that lets every token see the image tokens only (so image tokens see
+    exactly what they saw before): whatever the activation, layer scale or query/key norm."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from edgevit.graph.extension import BlockFeatures
+    from edgevit.tuners.disentangled import _extract
+
+    kw = dict(TIMM_KWARGS, **extras)
+    torch.manual_seed(0)
+    module = VisionTransformer(**kw).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    g = ModelGraph.from_module(module, {"architecture": "VisionTransformer", "kwargs": kw})
+    make_tuner(DisentangledConfig(name="disentangled", num_queries=3)).setup(g)
+    blk = g.spec.block(1)
+    block = g.backbone.get_submodule(blk.path)
+    n, t = g.spec.num_tokens, 3
+    x, p = torch.randn(2, n, g.spec.embed_dim), torch.randn(2, t, g.spec.embed_dim)
+    with torch.no_grad():
+        f = BlockFeatures(projections={blk.attn.qkv: block.attn.qkv(block.norm1(x))})
+        out, _, _ = _extract(p, blk, f, g.adapter.block_branches(g.backbone, blk), g.backbone)
+        mask = torch.zeros(n + t, n + t)
+        mask[:, n:] = float("-inf")  # nobody attends to the queries
+        ref = block(torch.cat([x, p], dim=1), attn_mask=mask)
+    assert torch.allclose(ref[:, :n], block(x), atol=1e-5)
+    assert torch.allclose(out, ref[:, n:], atol=1e-5), (out - ref[:, n:]).abs().max()

@@ -75,11 +75,13 @@ class _Step(nn.Module):
         return self.objective(self.model, images, labels)
 
 
-def _param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
-    """No decay on biases, norms, tokens and position embeddings (1-D or token tensors)."""
+def _param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float,
+                  exempt: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """No decay on biases, norms, tokens and position embeddings (1-D or token tensors), nor on
+    the ``exempt`` names (a tuner's entries of pretrained weights, e.g. SliceFine's slices)."""
     decay, no_decay = [], []
     for name, p in params:
-        skip = p.ndim <= 1 or name.endswith(("cls_token", "dist_token", "pos_embed", "reg_token"))
+        skip = p.ndim <= 1 or name in exempt or name.endswith(("cls_token", "dist_token", "pos_embed", "reg_token"))
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -175,7 +177,8 @@ def _build_trainer(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx
                                        find_unused_parameters=getattr(hooks, "unused_parameters", False))
     params = trainable if trainable is not None else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = params + [(f"objective.{n}", p) for n, p in extra.named_parameters()]
-    optimizer = torch.optim.AdamW(_param_groups(params, cfg.weight_decay), lr=cfg.lr)
+    exempt = frozenset(getattr(hooks, "no_weight_decay", ()))
+    optimizer = torch.optim.AdamW(_param_groups(params, cfg.weight_decay, exempt), lr=cfg.lr)
     steps_per_epoch = len(ctx.data.train_loader(ctx.seed, 0, env.rank, env.world))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch))
     use_amp = cfg.amp and device.type == "cuda"

@@ -5,9 +5,11 @@ Per block i, a Query Synthesis Module turns learnable query tokens (plus the pre
 layer's extracted query) into task queries: an adapter, then self-attention among the
 queries only (q/k/v/out as identity + low-rank adapters), then an adapter FFN, each branch
 scaled by a learnable scalar. A Knowledge Extraction Module then runs the queries through
-block i's own frozen weights: norm1, the query rows of the q/k/v projection, attention to
+block i's own frozen modules: norm1, the query rows of the q/k/v projection, attention to
 the image tokens' frozen keys and values (read from the backbone's pass, never recomputed),
-the output projection, norm2 and the MLP. Image tokens never see the queries, so the
+the output projection, norm2 and the block's own MLP module (its activation, whatever it
+is), with the family's layer scale and query/key norms where it has them (the family
+adapter's ``block_branches`` names those modules). Image tokens never see the queries, so the
 backbone computes exactly what the pretrained model computes, under ``no_grad``. The head
 combines every layer's extracted query, attention and MLP outputs with instance-conditioned
 weights, then a LayerNorm and a linear classifier. Only the query modules and the head train.
@@ -29,6 +31,7 @@ from torch import nn
 
 from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
+from edgevit.graph.adapters.base import BlockBranches
 from edgevit.graph.extension import BlockFeatures, SideModule
 from edgevit.graph.spec import BlockSpec, GraphSpec
 from edgevit.tuners.base import Tuner, count, train_side_only
@@ -83,12 +86,14 @@ class _QuerySynthesis(nn.Module):
         return p + self.ffn_scale * self.ffn(self.norm2(p))
 
 
-def _extract(p: torch.Tensor, blk: BlockSpec, f: BlockFeatures, backbone: nn.Module) -> tuple[torch.Tensor, ...]:
-    """Knowledge extraction through block ``blk``'s frozen weights: (queries out, attention out, MLP out)."""
+def _extract(p: torch.Tensor, blk: BlockSpec, f: BlockFeatures, parts: BlockBranches,
+             backbone: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Knowledge extraction through block ``blk``'s own frozen modules: (queries out, attention
+    out, MLP out). The queries attend to the image tokens' keys and values only."""
     a = blk.attn
     sub = backbone.get_submodule
     n1 = sub(blk.norm1)(p)  # type: ignore[arg-type]
-    if a.fused:
+    if a.fused:  # the query rows of the block's own q/k/v projection
         qkv = sub(a.qkv)  # type: ignore[arg-type]
         q = F.linear(n1, qkv.weight[: a.attn_dim], None if qkv.bias is None else qkv.bias[: a.attn_dim])
         img = f.projections[a.qkv]  # type: ignore[index]
@@ -97,14 +102,14 @@ def _extract(p: torch.Tensor, blk: BlockSpec, f: BlockFeatures, backbone: nn.Mod
         q = sub(a.q)(n1)  # type: ignore[arg-type]
         k, v = f.projections[a.k], f.projections[a.v]  # type: ignore[index]
     b, t, n = p.shape[0], p.shape[1], k.shape[1]
-    q = q.reshape(b, t, a.num_heads, a.head_dim).transpose(1, 2)
-    k = k.reshape(b, n, a.num_heads, a.head_dim).transpose(1, 2)
+    q = parts.q_norm(q.reshape(b, t, a.num_heads, a.head_dim).transpose(1, 2))
+    k = parts.k_norm(k.reshape(b, n, a.num_heads, a.head_dim).transpose(1, 2))
     v = v.reshape(b, n, a.num_heads, a.head_dim).transpose(1, 2)
     attn = (q @ k.transpose(-2, -1) * a.head_dim ** -0.5).softmax(dim=-1)
-    h = sub(a.proj)((attn @ v).transpose(1, 2).reshape(b, t, a.attn_dim))
+    heads = (attn @ v).transpose(1, 2).reshape(b, t, a.attn_dim)
+    h = parts.attn_scale(sub(a.proj)(parts.attn_norm(heads)))
     p = p + h
-    m = blk.mlp
-    hh = sub(m.fc2)(F.gelu(sub(m.fc1)(sub(blk.norm2)(p))))  # type: ignore[arg-type]
+    hh = parts.mlp_scale(parts.mlp(sub(blk.norm2)(p)))  # type: ignore[arg-type]
     return p + hh, h, hh
 
 
@@ -128,6 +133,7 @@ class QueryExtraction(SideModule):
         self.combine = nn.Linear(d, n_feats - 1)
         self.head_norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, num_classes)
+        self._adapter: Any = None  # the backbone's family adapter, found on the first forward
 
     @classmethod
     def from_config(cls, config: dict[str, Any], spec: GraphSpec) -> QueryExtraction:
@@ -135,15 +141,25 @@ class QueryExtraction(SideModule):
         num_classes = config.pop("num_classes")
         return cls(spec, num_classes, DisentangledConfig(name="disentangled", **config))
 
+    def _branches(self, spec: GraphSpec, backbone: nn.Module) -> list[BlockBranches]:
+        """Each block's own modules, as the backbone's family adapter names them (looked up
+        once; the modules themselves are read afresh, as pruning may replace them)."""
+        if self._adapter is None:
+            from edgevit.registry import Registry
+
+            self._adapter = Registry().adapter_for(backbone)
+        return [self._adapter.block_branches(backbone, blk) for blk in spec.blocks]
+
     def forward(self, feats: list[BlockFeatures], spec: GraphSpec, backbone: nn.Module) -> torch.Tensor:
         b = feats[0].output.shape[0]  # type: ignore[union-attr]
         extracted, attn_out, mlp_out = [], [], []
         prev = None
+        branches = self._branches(spec, backbone)
         for i, (blk, f) in enumerate(zip(spec.blocks, feats, strict=True)):
             p = self.queries[i].unsqueeze(0).expand(b, -1, -1)
             p = self.query_ffn[i](p if prev is None else p + self.feat_scale * prev)
             p = self.drop(self.synthesis[i](p))
-            p, h, hh = _extract(p, blk, f, backbone)
+            p, h, hh = _extract(p, blk, f, branches[i], backbone)
             prev = p.mean(dim=1, keepdim=True)
             extracted.append(prev)
             attn_out.append(h.mean(dim=1, keepdim=True))
@@ -187,15 +203,13 @@ class DisentangledTuner(Tuner):
             if missing:
                 raise EdgeVitError("tuner disentangled: the model's spec names no LayerNorms for block "
                                    f"{missing[0]} (saved by an older edgevit?); rebuild it from its source")
-            for b in graph.spec.blocks:
-                blk = graph.backbone.get_submodule(b.path)
-                attn = graph.backbone.get_submodule(b.attn.path)
-                for owner, attr in ((blk, "ls1"), (blk, "ls2"), (attn, "q_norm"), (attn, "k_norm")):
-                    extra = getattr(owner, attr, None)
-                    if extra is not None and not isinstance(extra, nn.Identity):
-                        raise EdgeVitError(f"tuner disentangled: block {b.index} has {attr} "
-                                           f"({type(extra).__name__}), which knowledge extraction does not apply")
+            for b in graph.spec.blocks:  # the family can run queries through each block (or says why not)
+                try:
+                    graph.adapter.block_branches(graph.backbone, b)
+                except EdgeVitError as e:
+                    raise EdgeVitError(f"tuner disentangled: {e}") from e
             side = QueryExtraction(graph.spec, graph.spec.num_classes, self.cfg)
+            side._adapter = graph.adapter
             graph.attach_side(side, side.config)
         params = train_side_only(graph, self.name)
         self.trainable = self.added = count(params)

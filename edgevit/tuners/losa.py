@@ -85,7 +85,9 @@ class SideNetwork(SideModule):
     def from_config(cls, config: dict[str, Any], spec: GraphSpec) -> SideNetwork:
         return cls(spec, **config)
 
-    def forward(self, feats: list[BlockFeatures], spec: GraphSpec, backbone: nn.Module) -> torch.Tensor:
+    def refine(self, feats: list[BlockFeatures]) -> torch.Tensor:
+        """The refined side features z_L + a_L, (B, N, D): every read block's output refines
+        the side state in turn."""
         a = None
         z = None
         for i, mixer in zip(self.reads_, self.mixers, strict=True):
@@ -95,7 +97,10 @@ class SideNetwork(SideModule):
             delta = mixer(u)
             a = delta if a is None else a + delta
         assert z is not None and a is not None
-        x = z + a
+        return z + a
+
+    def forward(self, feats: list[BlockFeatures], spec: GraphSpec, backbone: nn.Module) -> torch.Tensor:
+        x = self.refine(feats)
         pooled = x[:, 0] if self.pool == "token" else x[:, self.prefix:].mean(dim=1)
         return self.head(self.norm(pooled))
 

@@ -90,6 +90,8 @@ class SliceFineTuner(Tuner):
         self.cfg = cfg
         self.slices: list[tuple[str, nn.Linear, _Slice]] = []
         self.trainable = 0
+        self.sliced = 0
+        self.slice_names: frozenset[str] = frozenset()
         self.switches = 0
 
     @property
@@ -125,15 +127,24 @@ class SliceFineTuner(Tuner):
                     lin.parametrizations.weight.original.requires_grad_(False)
                     self.slices.append((path, lin, sl))
                     params += [(f"{path}.slice.{n}", p) for n, p in sl.named_parameters()]
-        self.sliced = count(params)
+        n_slice = len(params)
+        self.slice_names = frozenset(n for n, _ in params)
+        # at any step one axis is active in every matrix (alternate: the same one in all)
+        self.sliced = max(sum(sl.rank * lin.parametrizations.weight.original.shape[1 - axis]
+                              for _, lin, sl in self.slices) for axis in self._axes())
         if cfg.train_head:
             for path in graph.spec.classifiers:
                 head = graph.module.get_submodule(path)
                 for n, p in head.named_parameters():
                     p.requires_grad_(True)
                     params.append((f"{path}.{n}", p))
-        self.trainable = count(params)
+        self.trainable = self.sliced + count(params[n_slice:])
         return params
+
+    @property
+    def no_weight_decay(self) -> frozenset[str]:
+        """The slices are entries of pretrained weights: decay would pull them toward zero."""
+        return self.slice_names
 
     def _position(self, i: int, lin: nn.Linear, k: int) -> tuple[int, int]:
         """(axis, start) of matrix ``i``'s slice during switch period ``k``."""

@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from edgevit.graph.spec import AttentionSpec, GraphSpec, MlpSpec
+from edgevit.graph.spec import AttentionSpec, BlockSpec, GraphSpec, MlpSpec
+
+Branch = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class BlockBranches:
+    """A pre-norm block's residual branches as the block's own modules, so other tokens (the
+    disentangled tuner's queries) can run through its frozen weights:
+    ``x + attn_scale(proj(attn_norm(heads)))`` with heads from ``q_norm``/``k_norm``-ed
+    queries and keys, then ``+ mlp_scale(mlp(norm2(x)))``. Identity where the family has none."""
+
+    mlp: Branch  # the MLP branch, without its residual add
+    attn_scale: Branch = field(default_factory=nn.Identity)  # layer scale on the attention branch
+    mlp_scale: Branch = field(default_factory=nn.Identity)  # layer scale on the MLP branch
+    q_norm: Branch = field(default_factory=nn.Identity)  # per-head norms of queries and keys
+    k_norm: Branch = field(default_factory=nn.Identity)
+    attn_norm: Branch = field(default_factory=nn.Identity)  # norm of the merged heads before the projection
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,6 +68,11 @@ class Adapter(ABC):
     def after_keep_mlp_units(self, mlp: nn.Module, spec: MlpSpec, units: torch.Tensor) -> None:
         """Like :meth:`after_keep_heads`, for MLP hidden units."""
         return None
+
+    def block_branches(self, module: nn.Module, blk: BlockSpec) -> BlockBranches:
+        """Block ``blk``'s branches in ``module`` (the backbone); by default its MLP is the module
+        at ``blk.mlp.path`` and it has no layer scale or query/key norms."""
+        return BlockBranches(mlp=module.get_submodule(blk.mlp.path))
 
     def keep_blocks(self, module: nn.Module, blocks: list[int]) -> None:
         """Drop every transformer block not in ``blocks`` and keep the module's own attributes

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from edgevit.errors import EdgeVitError
-from edgevit.graph.adapters.base import Adapter, as_triple
+from edgevit.graph.adapters.base import Adapter, BlockBranches, as_triple
 from edgevit.graph.spec import AttentionSpec, BlockSpec, GraphSpec, MlpSpec
 from edgevit.graph.trace import complete
 
@@ -130,6 +130,13 @@ class HFViTAdapter(Adapter):
                 m.num_attention_heads = heads
             if hasattr(m, "all_head_size"):
                 m.all_head_size = int(channels.numel())
+
+    def block_branches(self, module: nn.Module, blk: BlockSpec) -> BlockBranches:
+        layer = module.get_submodule(blk.path)
+        if hasattr(layer, "mlp"):  # transformers >= 5: layer.mlp is the branch
+            return BlockBranches(mlp=layer.mlp)
+        # 4.x: ViTOutput adds the residual itself, so compose the branch from its parts
+        return BlockBranches(mlp=lambda x: layer.output.dropout(layer.output.dense(layer.intermediate(x))))
 
     def keep_blocks(self, module: nn.Module, blocks: list[int]) -> None:
         root, layers = _layers(module.model.vit)

@@ -14,6 +14,7 @@ from edgevit.graph.adapters.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Adapter,
+    BlockBranches,
     as_triple,
     slice_linear,
     slice_norm,
@@ -123,6 +124,16 @@ class TimmViTAdapter(Adapter):
 
     def after_keep_mlp_units(self, mlp: nn.Module, spec: MlpSpec, units: torch.Tensor) -> None:
         slice_norm(mlp.norm, units)
+
+    def block_branches(self, module: nn.Module, blk: BlockSpec) -> BlockBranches:
+        block, attn = module.get_submodule(blk.path), module.get_submodule(blk.attn.path)
+        if getattr(attn, "gate", None) is not None:
+            raise EdgeVitError(f"block {blk.index}'s attention has an output gate, which running other tokens "
+                               "through the block does not apply; use a model without attention gates")
+        ident = nn.Identity()
+        return BlockBranches(mlp=block.mlp, attn_scale=getattr(block, "ls1", ident),
+                             mlp_scale=getattr(block, "ls2", ident), q_norm=getattr(attn, "q_norm", ident),
+                             k_norm=getattr(attn, "k_norm", ident), attn_norm=getattr(attn, "norm", ident))
 
     def keep_blocks(self, module: nn.Module, blocks: list[int]) -> None:
         module.blocks = nn.Sequential(*[module.blocks[i] for i in blocks])
