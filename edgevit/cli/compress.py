@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
+from edgevit.cli.console import stderr_console
 from edgevit.cli.report import print_report
 from edgevit.registry import Registry
 
@@ -33,7 +33,7 @@ def compress(
     registry = Registry()
     rec, steps = load_recipe(recipe, overrides, registry)
     env = distributed.init(rec.device)
-    console = Console(stderr=True, quiet=not env.is_main)
+    console = stderr_console(quiet=not env.is_main)  # a logged line stays one line
     console.print(f"threads: {apply_threads(choose_threads(threads or rec.threads))}")
     run_dir = out or Path("runs") / rec.name
     try:
