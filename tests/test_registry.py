@@ -117,8 +117,16 @@ def test_plugin_is_listed_and_loaded(demo_plugin: Path) -> None:
     assert "plugindemo" not in Registry(plugins=False).names("passes")
 
 
-def test_plugin_is_invisible_without_its_dist(tmp_path: Path) -> None:
+def test_plugin_is_invisible_without_its_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same package on sys.path is a plugin only while its dist-info declares the entry point."""
+    root = make_dist(tmp_path / "site", "edgevit_plugin_demo", {"plugindemo": "edgevit_plugin_demo:DemoPass"},
+                     PLUGIN_SOURCE)
+    monkeypatch.syspath_prepend(str(root))
+    assert "plugindemo" in Registry().names("passes")  # the dist is seen: the check below can fail
+    for info in root.glob("*.dist-info"):
+        (info / "entry_points.txt").unlink()
     assert "plugindemo" not in Registry().names("passes")
+    sys.modules.pop("edgevit_plugin_demo", None)
 
 
 def test_plugin_claiming_a_builtin_name(demo_plugin: Path, tmp_path: Path,
