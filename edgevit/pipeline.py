@@ -84,7 +84,11 @@ class Pipeline:
         data = build_data(r.data, source.spec, r.seed)
         self._check_classes(source, data.num_classes)
         where = f" ({env.world} processes)" if env.enabled else ""
-        self.console.print(f"edgevit compress: recipe [bold]{r.name}[/bold] → {self.run_dir}{where}")
+        from edgevit.threads import current_threads  # chosen by the caller (edgevit.threads.apply_threads)
+
+        threads = current_threads()
+        self.console.print(f"edgevit compress: recipe [bold]{r.name}[/bold] → {self.run_dir}{where}, "
+                           f"{threads} CPU thread{'s' if threads != 1 else ''}")
 
         manifest_path = self.run_dir / "manifest.json"
         old = read_json(manifest_path) if (self.resume and manifest_path.is_file()) else {"stages": []}

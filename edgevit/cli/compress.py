@@ -34,7 +34,7 @@ def compress(
     rec, steps = load_recipe(recipe, overrides, registry)
     env = distributed.init(rec.device)
     console = stderr_console(quiet=not env.is_main)  # a logged line stays one line
-    console.print(f"threads: {apply_threads(choose_threads(threads or rec.threads))}")
+    apply_threads(choose_threads(threads or rec.threads))  # the pipeline's first line says how many
     run_dir = out or Path("runs") / rec.name
     try:
         report = Pipeline(rec, steps, run_dir, registry, console, resume=not no_resume).run()
