@@ -28,13 +28,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "cifar10-nano")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override key=value")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per idle core)")
     args = ap.parse_args()
     dirs, teacher = cifar_dirs(), cifar_teacher()
     if dirs is None or teacher is None:
         print(f"e2e: skipped: {SKIP}")
         return 0
-    from rich.console import Console
-
+    from edgevit.cli.console import stderr_console
     from edgevit.cli.report import print_report
     from edgevit.pipeline import Pipeline
     from edgevit.recipe import apply_overrides, parse_recipe
@@ -46,8 +46,12 @@ def main() -> int:
     apply_overrides(data, args.overrides)
     reg = Registry()
     rec, steps = parse_recipe(data, RECIPE.parent, reg)
+    from edgevit.threads import apply_threads, choose_threads
+
+    console = stderr_console()
+    console.print(f"threads: {apply_threads(choose_threads(args.threads or rec.threads))}")  # why, too
     t0 = time.perf_counter()
-    report = Pipeline(rec, steps, args.out, reg, Console(stderr=True)).run()
+    report = Pipeline(rec, steps, args.out, reg, console).run()
     minutes = (time.perf_counter() - t0) / 60
     print_report(report, args.out)
     rows = [s for s in report["stages"] if s.get("top1") is not None]

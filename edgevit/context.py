@@ -11,12 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from rich.console import Console
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
     Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 
 if TYPE_CHECKING:
@@ -79,17 +74,9 @@ class RunContext:
         return self._calibration
 
     def progress(self) -> Progress:
-        return Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=self.console,
-            transient=False,
-            disable=not self.console.is_terminal,
-        )
+        from edgevit.progress import make_progress  # log lines when the console is not a terminal
+
+        return make_progress(self.console)  # type: ignore[return-value]
 
 
 def resolve_device(name: str) -> torch.device:

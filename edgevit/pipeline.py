@@ -121,7 +121,11 @@ class Pipeline:
             done, start = self._plan()
             env.barrier()  # every rank has planned before rank 0 changes anything
             where = f" ({env.world} processes)" if env.enabled else ""
-            self.console.print(f"edgevit compress: recipe [bold]{r.name}[/bold] → {self.run_dir}{where}")
+            from edgevit.threads import current_threads  # chosen by the caller (edgevit.threads.apply_threads)
+
+            threads = current_threads()
+            self.console.print(f"edgevit compress: recipe [bold]{r.name}[/bold] → {self.run_dir}{where}, "
+                               f"{threads} CPU thread{'s' if threads != 1 else ''}")
             if isinstance(lock, RunLock) and lock.stale:
                 self.console.print(f"[dim]took over the lock of a run that is gone "
                                    f"(pid {lock.stale.get('pid')} on {lock.stale.get('host')})[/dim]")

@@ -33,6 +33,7 @@ def _place_labels(fig: Any, ax: Any, pts: list[tuple[str, float, float]]) -> Non
     """Stage names beside their points, each at the first offset where it overlaps no label
     placed before it (stages with near-equal latency and accuracy sit on top of each other)."""
     renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
     placed: list[Any] = []
     for name, x, y in pts:
         for dx, dy in OFFSETS:
@@ -40,7 +41,8 @@ def _place_labels(fig: Any, ax: Any, pts: list[tuple[str, float, float]]) -> Non
             label = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8, ha=ha,
                                 annotation_clip=False)
             box = label.get_window_extent(renderer).expanded(1.05, 1.1)
-            if not any(box.overlaps(b) for b in placed):
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(b) for b in placed):
                 placed.append(box)
                 break
             label.remove()
@@ -83,8 +85,9 @@ def accuracy_latency(report: dict[str, Any], out: Path) -> Path | None:
         shown = list(pts)
         if limits is not None:  # the first stage goes below the axis, drawn as an arrow at its edge
             first = pts[0]
+            right = first[1] > (min(xs) + max(xs)) / 2  # keep the text inside the panel
             ax.annotate(f"{first[0]}: {first[2]:.2f} % (below)", (first[1], limits[0]), xytext=(0, 14),
-                        textcoords="offset points", ha="center", fontsize=8, color="#52606d",
+                        textcoords="offset points", ha="right" if right else "left", fontsize=8, color="#52606d",
                         arrowprops={"arrowstyle": "->", "color": "#9aa5b1"})
             shown = pts[1:]
             xs_line, ys_line = [p[1] for p in shown], [p[2] for p in shown]

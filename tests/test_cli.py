@@ -236,9 +236,99 @@ def test_threads_option_reaches_torch_and_onnxruntime(tmp_path: Path, write_reci
                                                    {"benchmark": {"runs": 2, "warmup": 1, "throughput_batch": 2}}]))
     res = run_cli("compress", str(recipe), "--out", str(tmp_path / "run"), "--threads", "1")
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "threads: 1 thread (set by threads / --threads)" in res.stderr
+    assert "1 CPU thread" in res.stderr.splitlines()[0]
     import json
 
     bench = json.loads((tmp_path / "run" / "02-benchmark" / "benchmark.json").read_text())
     assert bench["host"]["threads"] == 1
     assert "1 thread" in (tmp_path / "run" / "report.md").read_text()
+
+
+# progress in a log ----------------------------------------------------------------------------
+
+def test_progress_reaches_a_log_when_not_a_terminal() -> None:
+    import io
+
+    from rich.console import Console
+
+    from edgevit.progress import LogProgress, make_progress
+
+    buf = io.StringIO()
+    with make_progress(Console(file=buf, width=80)) as progress:
+        assert isinstance(progress, LogProgress)
+        blocks = progress.add_task("osscar", total=6, info="")
+        for i in range(6):
+            progress.update(blocks, advance=1, info=f"block {i}")
+        steps = progress.add_task("adapt", total=1000, info="")
+        for _ in range(1000):
+            progress.advance(steps)
+    lines = buf.getvalue().splitlines()
+    assert [ln for ln in lines if "osscar" in ln][-1].startswith("  osscar: 6/6 (100 %)")
+    assert len([ln for ln in lines if "osscar" in ln]) == 6  # a line per block
+    adapt = [ln for ln in lines if "adapt" in ln]
+    assert 15 <= len(adapt) <= 21 and "1000/1000" in adapt[-1]  # a line per 5 %, not per step
+
+
+# inspect --------------------------------------------------------------------------------------
+
+def test_inspect_takes_a_timm_name_with_kwargs(capsys: pytest.CaptureFixture) -> None:
+    from edgevit.cli.inspect import inspect
+
+    inspect("vit_tiny_patch16_224", kwargs='{"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 7}',
+            layers=False)
+    out = capsys.readouterr().out
+    assert "32x32 input, patch 8, embed 192, 2 blocks" in out and "7 classes" in out
+    assert "attn.num_heads 3" in out and "mlp.hidden 768" in out  # the block spec's own field names
+
+
+def test_inspect_takes_a_recipe_and_a_stage_dir(capsys: pytest.CaptureFixture, tmp_path: Path, write_recipe) -> None:
+    from edgevit.cli.inspect import inspect
+    from edgevit.graph import ModelGraph
+    from tests.conftest import tiny_recipe_data
+
+    recipe = write_recipe(tiny_recipe_data())
+    inspect(str(recipe), kwargs=None, layers=True)
+    out = capsys.readouterr().out
+    assert "16x16 input, patch 4, embed 32, 2 blocks" in out and "per-layer cost" in out
+    from edgevit.models.sources import BuiltinSource, load_model
+
+    graph = load_model(BuiltinSource(source="builtin", kwargs={"img_size": 16, "patch_size": 4, "num_classes": 3,
+                                                               "embed_dim": 32, "depth": 3, "num_heads": 2}))
+    graph.keep_heads(1, [0])  # a pruned block: the table shows what differs
+    graph.save(tmp_path / "stage")
+    inspect(str(tmp_path / "stage"), kwargs=None, layers=False)
+    out = capsys.readouterr().out
+    table = out.split("blocks: the fields that differ")[1]
+    assert "attn.num_heads" in table and [ln.split("│")[1:3] for ln in table.splitlines() if "│ " in ln][:3]
+    assert isinstance(ModelGraph.load(tmp_path / "stage"), ModelGraph)
+
+
+def test_inspect_shows_every_block_field_generically() -> None:
+    """A field an adapter adds to the block spec (layer scale, q/k norm, ...) appears by itself."""
+    from edgevit.cli.inspect import block_fields
+    from edgevit.graph.spec import AttentionSpec, BlockSpec, MlpSpec
+
+    class ScaledBlock(BlockSpec):
+        layer_scale: float | None = None
+        q_norm: str | None = None
+
+    class Spec:
+        blocks = [ScaledBlock(index=i, path=f"blocks.{i}", layer_scale=0.1 * (i + 1), q_norm=f"blocks.{i}.attn.q_norm",
+                              attn=AttentionSpec(path=f"blocks.{i}.attn", qkv=f"blocks.{i}.attn.qkv",
+                                                 proj=f"blocks.{i}.attn.proj", num_heads=2, head_dim=8),
+                              mlp=MlpSpec(path=f"blocks.{i}.mlp", fc1=f"blocks.{i}.mlp.fc1", fc2=f"blocks.{i}.mlp.fc2",
+                                          hidden=32)) for i in range(2)]
+
+    columns, rows, same = block_fields(Spec())
+    assert "layer_scale" in columns and [r["layer_scale"] for r in rows] == ["0.1", "0.2"]
+    assert same["q_norm"] == "attn.q_norm" and same["attn.num_heads"] == "2"
+
+
+def test_inspect_refusals_are_one_line() -> None:
+    from edgevit.cli.inspect import inspect
+    from edgevit.errors import EdgeVitError
+
+    with pytest.raises(EdgeVitError, match="--kwargs is not JSON"):
+        inspect("vit_tiny_patch16_224", kwargs="{img_size: 32", layers=False)
+    with pytest.raises(EdgeVitError, match="neither a stage directory"):
+        inspect(str(REPO / "docs"), kwargs=None, layers=False)

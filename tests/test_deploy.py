@@ -53,6 +53,8 @@ def test_bundle_is_complete_checksummed_and_readable_by_the_board_script(nano_ru
     assert meta["input"] == {"name": "input", "shape": [1, 3, 16, 16]} and meta["workspace_mb"] == 256
     assert meta["preprocess"]["img_size"] == [16, 16] and len(meta["preprocess"]["mean"]) == 3
     assert meta["predicted"]["verdict"] == "deployable"
+    assert meta["onnx_precision"] == "fp32" and meta["engine_precision"] == "fp16"  # FP32 file, FP16 engine
+    assert meta["batch"]["size"] == 1 and "one at a time" in meta["batch"]["note"]
     for name in ("model.onnx", "val.npz", "labels.txt", "edgevit_jetson_bench.py", "README.txt", "SHA256SUMS"):
         assert (b / name).is_file(), name
     assert (b / "labels.txt").read_text().split() == [str(i) for i in range(10)]
@@ -74,6 +76,29 @@ def test_bundle_is_complete_checksummed_and_readable_by_the_board_script(nano_ru
     (b / "labels.txt").write_text("tampered\n")
     assert verify_bundle(b) == ["labels.txt"]
     assert "bundle 03-bundle/bundle from 02-export" in log
+
+
+def test_bundle_records_the_resize_the_data_pipeline_does(nano_run) -> None:
+    """A client scoring images of another size must resize like edgevit did: the bundle's
+    recorded method, applied by hand, gives what edgevit's own data pipeline gives."""
+    import torch
+    import torch.nn.functional as F
+
+    from edgevit.data.task_data import _transform
+    from edgevit.graph import ModelGraph
+
+    out, _, _ = nano_run
+    pre = json.loads((out / "03-bundle" / "bundle" / "bundle.json").read_text())["preprocess"]
+    r = pre["resize"]
+    assert r["interpolation"] == "bilinear" and r["antialias"] is True and r["crop"] is None
+    spec = ModelGraph.load(out / "02-export").spec
+    img = torch.randint(0, 256, (3, 40, 52), dtype=torch.uint8)  # not the model's size, not square
+    ours = _transform(spec, "none", train=False)(img)
+    h, w = pre["img_size"]
+    by_hand = F.interpolate(img[None].float() / 255, size=(h, w), mode=r["interpolation"], antialias=r["antialias"],
+                            align_corners=False)[0]
+    mean, std = torch.tensor(pre["mean"])[:, None, None], torch.tensor(pre["std"])[:, None, None]
+    assert torch.allclose(ours, (by_hand - mean) / std, atol=0.05)  # uint8 rounding inside Resize only
 
 
 def test_report_predicts_every_stage_on_the_nano(nano_run) -> None:

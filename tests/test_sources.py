@@ -87,7 +87,7 @@ class Evil:
 def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
-        pickle.dump({"w": Evil()}, f)
+        pickle.dump({"w": Evil()}, f, protocol=2)  # torch.load's own protocol: no UserWarning
     with pytest.raises(EdgeVitError, match="refusing to unpickle") as err:
         read_state_dict(path)
     # one line that names what was refused, without torch's advice to load with weights_only=False

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
+from edgevit.cli.console import stderr_console
 from edgevit.cli.report import print_report
 from edgevit.registry import Registry
 
@@ -35,9 +35,8 @@ def compress(
     registry = Registry()
     rec, steps = load_recipe(recipe, overrides, registry)
     env = distributed.init(rec.device)
-    console = Console(stderr=True, quiet=not env.is_main)
-    # said after the run (and recorded in the report), so a bad input still ends in one line
-    threads_used = apply_threads(choose_threads(threads or rec.threads))
+    console = stderr_console(quiet=not env.is_main)  # a logged line stays one line
+    apply_threads(choose_threads(threads or rec.threads))  # the pipeline's first line says how many
     run_dir = out or Path("runs") / rec.name
     try:
         report = Pipeline(rec, steps, run_dir, registry, console, resume=not no_resume, rerun_changed=not no_rerun,
@@ -47,4 +46,3 @@ def compress(
     if not env.is_main:
         return
     print_report(report, run_dir)
-    console.print(f"threads: {threads_used}")

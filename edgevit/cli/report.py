@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from edgevit.cli.console import stdout_console
 from edgevit.errors import EdgeVitError
 
 
@@ -68,9 +68,7 @@ def print_report(rep: dict, run: Path) -> None:
     """The host table, the device table (when a profile was set), and one line per stage note."""
     from edgevit.report import prediction_rows, stage_notes, table_rows
 
-    console = Console()
-    if not console.is_terminal:  # piped or logged: no terminal to fit, so never squeeze numbers
-        console = Console(width=max(console.width, 140))
+    console = stdout_console()  # piped or logged: no terminal to fit, so never squeeze numbers
     profile = next((s["predicted"]["profile"] for s in rep["stages"] if s.get("predicted")), "device")
     for title, rows in ((f"{rep['run']}: one row per stage (host)", table_rows(rep)),
                         (f"predicted on {profile}", prediction_rows(rep))):

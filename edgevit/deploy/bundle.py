@@ -3,8 +3,9 @@ that needs edgevit there.
 
 Layout (``bundle.json`` is the index; the Jetson script's docstring fixes its format)::
 
-    bundle.json   format, stage, model, precision, workspace_mb, input, validation,
-                  preprocess (img_size, mean, std), labels, profile, predicted
+    bundle.json   format, stage, model, precision (the engine's), workspace_mb, input, validation,
+                  preprocess (img_size, mean, std, resize), labels, profile, predicted, and the
+                  caller's ``meta`` (the bundle pass: onnx_precision, engine_precision, batch)
     model.onnx    the stage's ONNX (the board builds its own engine from it)
     val.npz       x: float32 N,C,H,W normalised like the model's input; y: labels
     labels.txt    one class name per line, in logit order
@@ -34,7 +35,8 @@ BUNDLE_FORMAT = jetson.FORMAT_IN
 def write_bundle(out: Path, *, onnx_path: Path, stage: str, precision: str, workspace_mb: int,
                  input_name: str, input_shape: list[int], val_x: np.ndarray, val_y: np.ndarray,
                  labels: list[str], preprocess: dict[str, Any], profile: str | None,
-                 predicted: dict[str, Any] | None, extra_files: dict[str, Path] | None = None) -> Path:
+                 predicted: dict[str, Any] | None, extra_files: dict[str, Path] | None = None,
+                 meta: dict[str, Any] | None = None) -> Path:
     """Write the bundle into a temporary sibling and move it into place whole."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -50,12 +52,12 @@ def write_bundle(out: Path, *, onnx_path: Path, stage: str, precision: str, work
         for rel, src in (extra_files or {}).items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / rel)
-        meta = {"format": BUNDLE_FORMAT, "stage": stage, "model": "model.onnx", "precision": precision,
+        index = {"format": BUNDLE_FORMAT, "stage": stage, "model": "model.onnx", "precision": precision,
                 "workspace_mb": workspace_mb, "input": {"name": input_name, "shape": input_shape},
                 "validation": "val.npz", "labels": "labels.txt", "preprocess": preprocess, "profile": profile,
                 "predicted": predicted, "files": sorted(["model.onnx", "val.npz", "labels.txt", SCRIPT.name,
-                                                         *(extra_files or {})])}
-        write_json(tmp / "bundle.json", meta)
+                                                         *(extra_files or {})]), **(meta or {})}
+        write_json(tmp / "bundle.json", index)
         write_text(tmp / "README.txt", _readme(stage, precision, profile))
         sums = [f"{sha256(p)}  {p.relative_to(tmp).as_posix()}" for p in sorted(tmp.rglob("*"))
                 if p.is_file() and p.name != "SHA256SUMS"]

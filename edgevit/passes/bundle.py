@@ -17,6 +17,19 @@ from edgevit.passes.base import Pass, PassConfig
 from edgevit.predict.device import onnx_precision, predict_onnx
 from edgevit.predict.kernels import kernel_graph
 
+# How edgevit's data pipeline (edgevit.data.task_data) brings an image to the model's input: a client
+# scoring images of another size must do the same (tests/test_deploy.py checks this against it).
+RESIZE = {"to": "img_size (height, width)", "interpolation": "bilinear", "antialias": True, "keeps_aspect": False,
+          "crop": None, "library": "torchvision.transforms.v2.Resize"}
+
+
+def batch_note(input_shape: list[int], static: bool) -> dict[str, object]:
+    how = ("the ONNX input is fixed to batch 1 (the profile builds engines for one shape)" if static else
+           "the ONNX input has a dynamic batch, but the board's engine is built for batch 1")
+    return {"size": input_shape[0], "note": f"{how}; to score many images, run them one at a time (the Jetson "
+            "script does so for val.npz), or export without static_batch and build an engine with an "
+            "optimisation profile for the batch you need"}
+
 
 class BundleConfig(PassConfig):
     precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
@@ -69,11 +82,13 @@ class BundlePass(Pass):
             ctx.stage_dir / "bundle", onnx_path=onnx_path, stage=stage, precision=precision,
             workspace_mb=workspace, input_name=INPUT, input_shape=[1, graph.spec.in_chans, h, w],
             val_x=x.numpy().astype(np.float32), val_y=y.numpy(), labels=list(ctx.data.class_names),
-            preprocess={"img_size": [h, w], "mean": prep.get("mean"), "std": prep.get("std"),
-                        "layout": "NCHW, RGB, scaled to [0, 1] then (x - mean) / std"},
-            profile=p.name if p is not None else None, predicted=predicted, extra_files=extra)
+            preprocess={"img_size": [h, w], "mean": prep.get("mean"), "std": prep.get("std"), "resize": RESIZE,
+                        "layout": "NCHW, RGB, resized, scaled to [0, 1] then (x - mean) / std"},
+            profile=p.name if p is not None else None, predicted=predicted, extra_files=extra,
+            meta={"onnx_precision": own or "fp32", "engine_precision": precision,
+                  "batch": batch_note([1, graph.spec.in_chans, h, w], p is not None and p.static_batch)})
         shown = f"{ctx.stage_name}/{out.name}"
-        self.metrics = {"bundle": shown, "stage": stage, "precision": precision,
+        self.metrics = {"bundle": shown, "stage": stage, "precision": precision, "onnx_precision": own or "fp32",
                         "files": len(list(out.iterdir())), "predicted": predicted}
         if cfg.build_engine:
             from edgevit.deploy.tensorrt_engine import build_engine, parity
@@ -82,7 +97,7 @@ class BundlePass(Pass):
                                   timing_cache=ctx.run_dir / "tensorrt.timing.cache")
             self.metrics["engine_parity"] = parity(engine, onnx_path, x.numpy()[:64])
         graph.artifacts["bundle"] = out
-        on = (f"{p.name} {precision}: predicted {predicted['latency_ms']} ms, {predicted['verdict']}"
-              if predicted else "")
+        on = (f"ONNX {own or 'fp32'}, {p.name} builds {precision}: predicted {predicted['latency_ms']} ms, "
+              f"{predicted['verdict']}" if predicted else "")
         ctx.console.print(f"  bundle {shown} from {stage}. {on}")
         return graph
