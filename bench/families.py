@@ -2,8 +2,8 @@
 
 1. A Swin-shaped and a MobileViT-shaped model (timm's own classes, small, 32 px) trained
    briefly from scratch on CIFAR-10 (../shared/data; AdamW, warm-up + cosine, random crop +
-   flip, label smoothing 0.1; ``--epochs`` each), cached under ~/.cache/edgevit/families so a
-   re-run reuses them. Top-1 on the 10,000 test images.
+   flip, label smoothing 0.1; ``--epochs`` over ``--train-limit`` images each), cached under
+   ~/.cache/edgevit/families so a re-run reuses them. Top-1 on the 10,000 test images.
 2. One-shot pruning (no fine-tuning) of 50 % of the MLP units, and separately of 50 % of the
    heads, in every block: edgevit OSSCAR (256 calibration images) and Torch-Pruning
    (MetaPruner, magnitude and Taylor importance). A Torch-Pruning failure is recorded with its
@@ -94,15 +94,17 @@ def build(kind: str):  # noqa: ANN201
     return timm.create_model("mobilevit_xxs", pretrained=False, **kw), {"name": "mobilevit_xxs", "kwargs": kw}
 
 
-def train(kind: str, data, epochs: int, lr: float) -> tuple[object, dict, float]:  # noqa: ANN001
-    """The model trained ``epochs`` epochs (cached), its build recipe, and training seconds."""
+def train(kind: str, data, epochs: int, lr: float, limit: int) -> tuple[object, dict, float]:  # noqa: ANN001
+    """The model trained ``epochs`` epochs on the first ``limit`` images of a fixed shuffle of
+    the train split (cached), its build recipe, and training seconds."""
     import torch
     import torch.nn.functional as F
     from safetensors.torch import load_file, save_file
 
-    xtr, ytr = data[0], data[1]
+    keep = torch.randperm(len(data[0]), generator=torch.Generator().manual_seed(1))[:limit]
+    xtr, ytr = data[0][keep], data[1][keep]
     module, recipe = build(kind)
-    path = CACHE / "families" / f"{kind}_e{epochs}_lr{lr:g}.safetensors"
+    path = CACHE / "families" / f"{kind}_e{epochs}_n{limit}_lr{lr:g}.safetensors"
     if path.is_file():
         module.load_state_dict(load_file(str(path)))
         meta = json.loads(path.with_suffix(".json").read_text())
@@ -202,19 +204,20 @@ def tp_prune(graph, what: str, importance: str, images, labels):  # noqa: ANN001
     return m.eval(), time.perf_counter() - t0
 
 
-def one_shot(kind: str, data, epochs: int, lr: float, calib: int) -> dict:  # noqa: ANN001
+def one_shot(kind: str, data, epochs: int, lr: float, limit: int, calib: int) -> dict:  # noqa: ANN001
     import torch
 
     from edgevit.graph import ModelGraph
 
-    module, recipe, secs = train(kind, data, epochs, lr)
+    module, recipe, secs = train(kind, data, epochs, lr, limit)
     graph = ModelGraph.from_module(module, recipe, mean=MEAN, std=STD)
     base = top1(module, data)
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(data[0]), generator=g)[:calib]
     images, labels = normalise(data[0][idx]), data[1][idx]
     rows = {"unpruned": {"top1": base, "params": graph.num_params(), "train_seconds": round(secs)}}
-    print(f"{kind}: {graph.num_params()} params, {epochs} epochs in {secs:.0f} s, top-1 {base:.2f} %")
+    print(f"{kind}: {graph.num_params()} params, {epochs} epochs on {limit} images in {secs:.0f} s, "
+          f"top-1 {base:.2f} %", flush=True)
     for what in ("mlp", "heads"):
         pg, s = ev_prune(graph, what, images)
         rows[f"ev_osscar_{what}50"] = {"top1": top1(pg.module, data), "params": pg.num_params(), "seconds": round(s, 1)}
@@ -228,7 +231,7 @@ def one_shot(kind: str, data, epochs: int, lr: float, calib: int) -> dict:  # no
                 rows[key] = {"top1": float("nan"), "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     for key, r in rows.items():
         extra = f"  ERROR {r['error']}" if "error" in r else f"  {r.get('params', '')} params"
-        print(f"  {kind} {key:24s} top-1 {r['top1']:6.2f}{extra}")
+        print(f"  {kind} {key:24s} top-1 {r['top1']:6.2f}{extra}", flush=True)
     return rows
 
 
@@ -271,10 +274,13 @@ def compress(kind: str, name: str, kwargs: dict, dirs, work: Path) -> dict:  # n
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--train-limit", type=int, default=10000, help="training images (of 50,000)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--calibration", type=int, default=256)
     ap.add_argument("--compress", default=",".join(COMPRESS), help="families for the 224 px compress runs")
+    ap.add_argument("--part", choices=("all", "oneshot", "compress", "summary"), default="all",
+                    help="run one part (results cached under ~/.cache/edgevit/families; summary reads them)")
     args = ap.parse_args()
     import torch
 
@@ -283,29 +289,36 @@ def main() -> None:
     if dirs is None:
         print(f"skip: {SKIP}")
         return
-    data = cifar_tensors(dirs)
-    results = {kind: one_shot(kind, data, args.epochs, args.lr, args.calibration) for kind in ("swin", "mobilevit")}
-    done = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for kind in [k for k in args.compress.split(",") if k]:
-            name, kw = COMPRESS[kind]
-            with contextlib.redirect_stdout(io.StringIO()):
-                try:
-                    done[kind] = compress(kind, name, kw, dirs, Path(tmp))
-                except Exception:  # noqa: BLE001
-                    done[kind] = {"ok": False, "error": traceback.format_exc().splitlines()[-1]}
-            r = done[kind]
-            if r["ok"]:
-                print(f"compress {kind} ({name}): ok in {r['seconds']} s; parity {r['parity']:.1e}; ONNX "
-                      f"{r['onnx_mb'][0]} -> {r['onnx_mb'][1]} MB; host latency {r['latency_ms'][0]:.1f} -> "
-                      f"{r['latency_ms'][1]:.1f} ms; jetson-nano: {r['predicted']}")
-            else:
-                print(f"compress {kind} ({name}): FAILED: {r.get('error')}")
-    CACHE.joinpath("families", "last_run.json").write_text(json.dumps({"one_shot": results, "compress": done},
-                                                                       default=str, indent=1))
+    saved = CACHE / "families"
+    saved.mkdir(parents=True, exist_ok=True)
+    if args.part in ("all", "oneshot"):
+        data = cifar_tensors(dirs)
+        results = {kind: one_shot(kind, data, args.epochs, args.lr, args.train_limit, args.calibration)
+                   for kind in ("swin", "mobilevit")}
+        (saved / "oneshot.json").write_text(json.dumps(results, indent=1))
+    if args.part in ("all", "compress"):
+        done = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for kind in [k for k in args.compress.split(",") if k]:
+                name, kw = COMPRESS[kind]
+                with contextlib.redirect_stdout(io.StringIO()):
+                    try:
+                        done[kind] = compress(kind, name, kw, dirs, Path(tmp))
+                    except Exception:  # noqa: BLE001
+                        done[kind] = {"ok": False, "error": traceback.format_exc().splitlines()[-1]}
+                r = done[kind]
+                if r["ok"]:
+                    print(f"compress {kind} ({name}): ok in {r['seconds']} s; parity {r['parity']:.1e}; ONNX "
+                          f"{r['onnx_mb'][0]} -> {r['onnx_mb'][1]} MB; host latency {r['latency_ms'][0]:.1f} -> "
+                          f"{r['latency_ms'][1]:.1f} ms; jetson-nano: {r['predicted']}", flush=True)
+                else:
+                    print(f"compress {kind} ({name}): FAILED: {r.get('error')}", flush=True)
+        (saved / "compress.json").write_text(json.dumps(done, indent=1))
+    results = json.loads((saved / "oneshot.json").read_text()) if (saved / "oneshot.json").is_file() else {}
+    done = json.loads((saved / "compress.json").read_text()) if (saved / "compress.json").is_file() else {}
 
     def fig(kind: str, key: str) -> str:
-        v = results[kind][key]["top1"]
+        v = results.get(kind, {}).get(key, {}).get("top1", float("nan"))
         return "nan" if v != v else f"{v:.2f}"
 
     print(f"families: swin_ev_mlp50_top1={fig('swin', 'ev_osscar_mlp50')} "

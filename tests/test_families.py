@@ -354,3 +354,14 @@ def test_feature_losses_refuse_hierarchical_models_clearly() -> None:
         vit = ModelGraph.load(Path(__file__).parent / "fixtures" / "v1_stage")
         DistillObjective(LossConfig(feature=1.0), vit.module, vit.spec, g.module, g.spec,
                          teacher_input(vit.spec, None, None, None), 0.0, where="passes.distill")
+
+
+def test_side_module_tuners_refuse_staged_models_clearly() -> None:
+    from edgevit.tuners import make_tuner
+    from edgevit.tuners.losa import LoSAConfig
+
+    module, build = _swin()
+    g = ModelGraph.from_module(module.eval(), build)
+    with pytest.raises(EdgeVitError, match="tuner losa: .*timm_swin model has stages.*use tuner full or slicefine"):
+        make_tuner(LoSAConfig(name="losa")).setup(g)
+    assert g.side is None and g.edits == []
