@@ -32,6 +32,11 @@ BUILTINS: dict[str, dict[str, str]] = {
         "timm": "edgevit.graph.adapters.timm_vit:TimmViTAdapter",
         "hf": "edgevit.graph.adapters.hf_vit:HFViTAdapter",
         "builtin": "edgevit.graph.adapters.builtin_vit:BuiltinViTAdapter",
+        "timm_swin": "edgevit.graph.adapters.timm_swin:TimmSwinAdapter",
+        "timm_swinv2": "edgevit.graph.adapters.timm_swin:TimmSwinV2Adapter",
+        "timm_beit": "edgevit.graph.adapters.timm_beit:TimmBeitAdapter",
+        "timm_eva": "edgevit.graph.adapters.timm_eva:TimmEvaAdapter",
+        "timm_mobilevit": "edgevit.graph.adapters.timm_mobilevit:TimmMobileViTAdapter",
     },
     # structural edits a ModelGraph records and replays on load (edgevit.graph.edits)
     "edits": {
@@ -123,8 +128,8 @@ class Registry:
         """An instance of the first adapter that understands ``module``; else a clear error that
         names the model as the user gave it (``name``: the timm model name, if known)."""
         supported = []
-        for name in self.names("adapters"):
-            cls = self.get("adapters", name)
+        for adapter in self.names("adapters"):
+            cls = self.get("adapters", adapter)
             supported.append(cls.supports)
             try:
                 if cls.matches(module):

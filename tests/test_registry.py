@@ -230,3 +230,19 @@ def test_plugin_pass_runs_in_pipeline(demo_plugin: Path, tmp_path: Path,
     assert [s["dir"] for s in manifest["stages"]] == ["00-source", "01-adapt", "02-plugindemo"]
     report = (out / "report.json").read_text()
     assert "plugindemo" in report
+
+
+def test_refusals_name_the_model_as_the_user_gave_it() -> None:
+    import timm
+
+    reg = Registry(plugins=False)
+    with pytest.raises(EdgeVitError, match=r"^model: timm resnet18 \(ResNet\) is not a supported Vision Transformer"):
+        reg.adapter_for(timm.create_model("resnet18", pretrained=False, num_classes=3))
+    pytest.importorskip("transformers", reason="transformers not installed (extra 'hf')")
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    from edgevit.graph.adapters.hf_vit import HFImageClassifier
+
+    cfg = ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], num_labels=3)
+    with pytest.raises(EdgeVitError, match="^model: Hugging Face ConvNextForImageClassification is not a supported"):
+        reg.adapter_for(HFImageClassifier(ConvNextForImageClassification(cfg)))

@@ -157,6 +157,12 @@ class DistillObjective:
                     f"read; {type(teacher).__name__} gives logits only. Set feature: 0 and mgd: 0 (logit KD works)"
                 )
             t = teacher_spec
+            if not (s.plain and t.plain):
+                raise EdgeVitError(
+                    f"{where}: feature losses read one token grid through every block; the "
+                    f"{(t if s.plain else s).family} {'teacher' if s.plain else 'student'} has stages of other "
+                    "widths or token counts. Set feature: 0 and mgd: 0 (logit KD works)"
+                )
             if t.grid != s.grid:
                 raise EdgeVitError(
                     f"{where}: feature losses need the same patch grid; the student has {s.grid}, the teacher "

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
-from edgevit.graph.spec import BlockSpec
+from edgevit.graph.spec import BlockSpec, GraphSpec
 
 
 class ShrinkConfig(BaseModel):
@@ -36,6 +36,20 @@ def _evenly_spaced(n: int, depth: int) -> list[int]:
     return sorted({int(i) for i in np.round(np.linspace(0, depth - 1, n))}) if n > 1 else [depth - 1]
 
 
+def _within_stages(spec: GraphSpec, n: int) -> list[int]:
+    """``n`` blocks for a model of stages (Swin, MobileViT): each stage keeps its share of ``n``
+    (at least one block), evenly spaced inside it, since the stages' widths are fixed."""
+    stages: dict[int, list[int]] = {}
+    for b in spec.blocks:
+        stages.setdefault(b.stage, []).append(b.index)
+    if n < len(stages):
+        raise EdgeVitError(f"student.shrink.depth: {n} blocks for a model of {len(stages)} stages; keep at least "
+                           "one block per stage")
+    share = [max(1, round(n * len(ix) / spec.depth)) for ix in stages.values()]
+    return sorted(ix[j] for ix, k in zip(stages.values(), share, strict=True)
+                  for j in _evenly_spaced(min(k, len(ix)), len(ix)))
+
+
 def _head_scores(graph: ModelGraph, blk: BlockSpec) -> torch.Tensor:
     """Per head: norm of the value rows that read it times norm of the proj columns it writes."""
     a = blk.attn
@@ -51,9 +65,13 @@ def _head_scores(graph: ModelGraph, blk: BlockSpec) -> torch.Tensor:
 
 
 def _unit_scores(graph: ModelGraph, blk: BlockSpec) -> torch.Tensor:
-    fc1 = graph.module.get_submodule(blk.mlp.fc1).weight.detach()
-    fc2 = graph.module.get_submodule(blk.mlp.fc2).weight.detach()
-    return fc1.norm(dim=1) * fc2.norm(dim=0)
+    """Per unit: norm of the rows that write it (SwiGLU: value and gate) times its fc2 column's."""
+    m = blk.mlp
+    rows = [graph.module.get_submodule(p).weight.detach() for p in m.unit_rows()]
+    if m.fused_gate:
+        rows = [rows[0][: m.hidden], rows[0][m.hidden:]]
+    fc2 = graph.module.get_submodule(m.fc2).weight.detach()
+    return torch.stack([r.norm(dim=1) for r in rows]).prod(dim=0) * fc2.norm(dim=0)
 
 
 def _top(scores: torch.Tensor, k: int) -> list[int]:
@@ -74,7 +92,8 @@ def shrink(teacher: ModelGraph, cfg: ShrinkConfig) -> tuple[ModelGraph, str]:
         n = cfg.depth or depth
         if n > depth:
             raise EdgeVitError(f"student.shrink.depth: {n} is more than the teacher's {depth} blocks")
-        blocks = _evenly_spaced(n, depth)
+        staged = len({b.stage for b in g.spec.blocks}) > 1
+        blocks = _within_stages(g.spec, n) if staged else _evenly_spaced(n, depth)
     if blocks != list(range(depth)):
         g.keep_blocks(blocks)
     heads_kept, units_kept = [], []
@@ -84,7 +103,7 @@ def shrink(teacher: ModelGraph, cfg: ShrinkConfig) -> tuple[ModelGraph, str]:
             raise EdgeVitError(f"student.shrink.num_heads: {h} is more than the teacher's {blk.attn.num_heads}")
         if h < blk.attn.num_heads:
             g.keep_heads(blk.index, _top(_head_scores(g, blk), h))
-        u = round(cfg.mlp_ratio * g.spec.embed_dim) if cfg.mlp_ratio else blk.mlp.hidden
+        u = round(cfg.mlp_ratio * blk.dim) if cfg.mlp_ratio else blk.mlp.hidden
         if not 1 <= u <= blk.mlp.hidden:
             raise EdgeVitError(
                 f"student.shrink.mlp_ratio: {cfg.mlp_ratio} gives {u} hidden units; the teacher has {blk.mlp.hidden}"

@@ -34,16 +34,25 @@ def head_tensors(graph: ModelGraph, blk: BlockSpec) -> list[tuple[nn.Parameter, 
         if lin.bias is not None:
             out.append((lin.bias, 0, rows))
     out.append((graph.module.get_submodule(a.proj).weight, 1, cols))
+    attn = graph.module.get_submodule(a.path)
+    for name in ("q_bias", "v_bias"):  # BEiT / EVA / Swin v2 keep q and v biases beside a bias-free qkv
+        bias = getattr(attn, name, None)
+        if isinstance(bias, nn.Parameter):
+            out.append((bias, 0, cols))
     return out
 
 
 def unit_tensors(graph: ModelGraph, blk: BlockSpec) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
-    fc1 = graph.module.get_submodule(blk.mlp.fc1)
-    fc2 = graph.module.get_submodule(blk.mlp.fc2)
+    """A unit: its fc1 row (SwiGLU: its value and gate rows) and its fc2 column."""
+    m = blk.mlp
     cols = unit_columns(blk)
-    out = [(fc1.weight, 0, cols), (fc2.weight, 1, cols)]
-    if fc1.bias is not None:
-        out.append((fc1.bias, 0, cols))
+    rows = torch.cat([cols, cols + m.hidden], dim=1) if m.fused_gate else cols
+    out = [(graph.module.get_submodule(m.fc2).weight, 1, cols)]
+    for path in m.unit_rows():
+        lin = graph.module.get_submodule(path)
+        out.append((lin.weight, 0, rows if path == m.fc1 else cols))
+        if lin.bias is not None:
+            out.append((lin.bias, 0, rows if path == m.fc1 else cols))
     return out
 
 

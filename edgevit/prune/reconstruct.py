@@ -1,6 +1,11 @@
 """OSSCAR over a whole model: block by block, each on the tokens the already-pruned blocks
 produce. Within a block the heads are chosen on the output projection's inputs first, then
-the MLP units on fc2's inputs as the pruned attention leaves them."""
+the MLP units on fc2's inputs as the pruned attention leaves them.
+
+A block's cached input is its call's positional and keyword arguments (EVA's rotary embedding,
+BEiT's shared bias travel with the tokens). Within a stage the next block reads the previous
+block's output; where a stage changes (Swin patch merging, MobileViT's fold, convs and
+MobileNetV2 blocks) the next block's inputs are captured afresh through the pruned model."""
 
 from __future__ import annotations
 
@@ -16,21 +21,33 @@ from edgevit.graph import ModelGraph
 from edgevit.prune.groups import head_columns, unit_columns
 from edgevit.prune.osscar import GramAccumulator, OsscarResult, osscar_prune
 
+BlockInput = tuple[tuple, dict]  # (args, kwargs) of one call of a block
+
 
 class _Reached(Exception):
-    """Raised by a hook to stop a forward pass once block 0's input is captured."""
+    """Raised by a hook to stop a forward pass once a block's input is captured."""
 
 
-def block0_inputs(graph: ModelGraph, images: torch.Tensor, device: torch.device, batch: int) -> list[torch.Tensor]:
-    """The token sequences entering the first block, per chunk of ``images``."""
-    block = graph.module.get_submodule(graph.spec.block(0).path)
-    out: list[torch.Tensor] = []
+def _detached(v: object) -> object:
+    return v.detach() if isinstance(v, torch.Tensor) else v
 
-    def grab(_m: nn.Module, args: tuple) -> None:
-        out.append(args[0].detach())
+
+def block0_inputs(graph: ModelGraph, images: torch.Tensor, device: torch.device, batch: int) -> list[BlockInput]:
+    """The inputs entering the first block, per chunk of ``images``."""
+    return block_inputs(graph, images, device, batch, 0)
+
+
+def block_inputs(graph: ModelGraph, images: torch.Tensor, device: torch.device, batch: int,
+                 index: int) -> list[BlockInput]:
+    """The inputs entering block ``index``, per chunk of ``images`` (the forward stops there)."""
+    block = graph.module.get_submodule(graph.spec.block(index).path)
+    out: list[BlockInput] = []
+
+    def grab(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        out.append((tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()}))
         raise _Reached
 
-    handle = block.register_forward_pre_hook(grab)
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
             for start in range(0, len(images), batch):
@@ -41,10 +58,12 @@ def block0_inputs(graph: ModelGraph, images: torch.Tensor, device: torch.device,
     return out
 
 
-def run_block(block: nn.Module, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+def run_block(block: nn.Module, xs: list[BlockInput]) -> list[BlockInput]:
+    """Run ``block`` on its cached inputs; the outputs as the next block's inputs (same extras)."""
     with torch.no_grad():
-        outs = [block(x) for x in xs]
-    return [o[0] if isinstance(o, (tuple, list)) else o for o in outs]
+        outs = [block(*args, **kwargs) for args, kwargs in xs]
+    return [((o[0] if isinstance(o, (tuple, list)) else o, *args[1:]), kwargs)
+            for o, (args, kwargs) in zip(outs, xs, strict=True)]
 
 
 @contextmanager
@@ -69,7 +88,7 @@ HEAD_SIZES = SearchSizes(greedy_step=2, swap_size=5)  # the official code's, per
 UNIT_SIZES = SearchSizes(greedy_step=10, swap_size=10)  # and per MLP unit
 
 
-def refit_layer(graph: ModelGraph, path: str, block: nn.Module, xs: list[torch.Tensor], groups: torch.Tensor,
+def refit_layer(graph: ModelGraph, path: str, block: nn.Module, xs: list[BlockInput], groups: torch.Tensor,
                 keep: int, ridge: float, swap_budget: int,
                 sizes: SearchSizes = UNIT_SIZES) -> tuple[OsscarResult, torch.Tensor]:
     """Choose ``keep`` groups of ``path``'s input columns and write the re-fitted weights (and
@@ -102,9 +121,12 @@ def osscar_model(graph: ModelGraph, counts: list[tuple[int, int]], images: torch
     graph.module.to(device).eval()
     xs = block0_inputs(graph, images, device, batch)
     log = []
+    stage = graph.spec.block(0).stage
     for blk_spec, (n_heads, n_units) in zip(list(graph.spec.blocks), counts, strict=True):
         t0 = time.perf_counter()
         b = blk_spec.index
+        if blk_spec.stage != stage:  # fixed parts in between: capture through the model pruned so far
+            xs, stage = block_inputs(graph, images, device, batch, b), blk_spec.stage
         block = graph.module.get_submodule(blk_spec.path)
         entry: dict = {"block": b}
         if n_heads < blk_spec.attn.num_heads:

@@ -101,7 +101,7 @@ class _SwinBase(Adapter):
             s = next(s for s, k in enumerate(kept_per_stage) if not k)
             raise EdgeVitError(f"keep_blocks: stage {s} would have no block left; keep at least one per stage")
         for stage, kept in zip(module.layers, kept_per_stage, strict=True):
-            stage.blocks = type(stage.blocks)(kept)
+            stage.blocks = nn.Sequential(*kept) if isinstance(stage.blocks, nn.Sequential) else nn.ModuleList(kept)
             stage.depth = len(kept)
 
     def reset_classifier(self, module: nn.Module, num_classes: int) -> None:
