@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from edgevit import __version__
-from edgevit.cli import calib, compress, inspect, passes, profiles, report
+from edgevit.cli import calib, compress, inspect, passes, predict, profiles, report
 from edgevit.errors import EdgeVitError
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app.command("compress")(compress.compress)
 app.command("inspect")(inspect.inspect)
 app.command("passes")(passes.passes)
 app.command("report")(report.report)
+app.command("predict")(predict.predict)
 app.add_typer(profiles.app, name="profiles")
 app.add_typer(calib.app, name="calib")
 
