@@ -108,6 +108,23 @@ def test_conv_classes_and_tensorrt_fusions(tmp_path: Path) -> None:
     assert relu.bytes == 2 * (2 * elems + 2 * elems)  # reads the joined buffer, writes out
 
 
+def test_attention_matmuls_are_timed_on_whole_gemm_tiles(tmp_path: Path) -> None:
+    """A MatMul of two activations runs whole tiles: a 16x16 product per head costs what a
+    64x64 one does (so the attention efficiency transfers from EfficientViT's small products to
+    a ViT's 197x197 ones); the counted FLOPs stay the real ones."""
+    from edgevit.predict.kernels import GEMM_TILE
+
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["xt", "x"], ["out"])]
+    kg = kernel_graph(_save(tmp_path / "a.onnx", nodes, [], [1, 2, 100, 16], [1, 2, 16, 16]), elem_bytes=2)
+    mm = kg.kernels[-1]
+    assert mm.kind == "matmul" and mm.flops == 2 * 2 * 16 * 16 * 100
+    assert mm.tile_flops == mm.work_flops == 2 * 2 * GEMM_TILE * GEMM_TILE * 100
+    fit = RooflineFit(**FIT)
+    lat = latency_ms(kg, peak_gflops=1.0, bandwidth_gbps=1e6, fit=fit)
+    assert lat.by_kind_ms["matmul"] == pytest.approx(mm.tile_flops / 0.5e9 * 1e3, rel=1e-3)
+
+
 def test_roofline_is_compute_or_memory_bound_per_kernel(tmp_path: Path) -> None:
     kg = kernel_graph(_tiny_onnx(tmp_path / "t.onnx"), elem_bytes=2)
     fit = RooflineFit(**FIT)

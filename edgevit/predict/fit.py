@@ -37,14 +37,14 @@ class _Work:
     """One point's kernels as arrays, so a fit evaluates every point in a few numpy calls."""
 
     kind: np.ndarray  # index into KINDS
-    flops: np.ndarray
+    flops: np.ndarray  # the FLOPs the roofline times (Kernel.work_flops)
     bytes: np.ndarray
     n: int
 
     @classmethod
     def of(cls, kg: KernelGraph) -> _Work:
         return cls(np.array([KINDS.index(k.kind) for k in kg.kernels], dtype=int),
-                   np.array([k.flops for k in kg.kernels], dtype=float),
+                   np.array([k.work_flops for k in kg.kernels], dtype=float),
                    np.array([k.bytes for k in kg.kernels], dtype=float), len(kg.kernels))
 
     def latency_ms(self, eff: np.ndarray, peak: float, bw: float, overhead_us: float) -> float:

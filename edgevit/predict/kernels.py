@@ -49,6 +49,9 @@ MATRIX_OPS = frozenset({"Conv", "MatMul", "Gemm", "ConvTranspose"})
 ELIDED_OPS = frozenset({"Concat", "Split"})
 # Reductions of a normalization chain: they join a memory kernel that already reduces.
 NORM_OPS = frozenset({"ReduceMean"})
+# Edge of the output tile a batched GEMM computes at once: an assumption of the model (TensorRT's
+# kernel choice on the board is not visible here), not a measured figure.
+GEMM_TILE = 64
 COMPUTE_KINDS = ("conv3x3", "conv", "gemm", "dwconv", "matmul")
 KINDS = (*COMPUTE_KINDS, "memory")
 
@@ -63,6 +66,13 @@ class Kernel:
     flops: int
     bytes: int
     weight_bytes: int = 0
+    tile_flops: int = 0  # attention MatMul: FLOPs with M and N rounded up to whole GEMM tiles
+
+    @property
+    def work_flops(self) -> int:
+        """The FLOPs the roofline times: tile-padded for attention MatMuls (a 16x16 product
+        occupies a whole tile), the counted FLOPs otherwise."""
+        return self.tile_flops or self.flops
 
 
 @dataclass
@@ -225,6 +235,10 @@ class _Builder:
         k = self.kernels[k_idx]
         k.nodes.append(node.name or f"{node.op_type}_{idx}")
         k.ops.append(node.op_type)
+        if k.kind == "matmul" and not k.ops[:-1]:  # the MatMul that starts the kernel
+            k.tile_flops = _tile_flops(node, t)
+        elif k.tile_flops:
+            k.tile_flops += flops  # its fused epilogue
         k.flops += flops
         new = {x for x in (*weights, *acts) if x not in self.internal[k_idx] and x not in self.read[k_idx]}
         self.read[k_idx] |= new
@@ -306,6 +320,21 @@ def _classify(node: Any, t: _Tensors, out_elems: int) -> tuple[str, int]:
         return "memory", out_elems * POINTWISE_FLOPS.get(op, 1)
     in_elems = sum(int(np.prod(info[i][0])) for i in node.input if i in info)
     return "memory", max(in_elems, out_elems)
+
+
+def _tile_flops(node: Any, t: _Tensors) -> int:
+    """2·M'·N'·K per product of a MatMul, M' and N' rounded up to GEMM_TILE (the batched
+    GEMM runs whole tiles, so small attention products waste most of each)."""
+    a, b = (t.info[i][0] if i in t.info else None for i in node.input[:2])
+    if a is None or b is None or len(a) < 2 or len(b) < 2:
+        return 0
+    m, k, n = a[-2], a[-1], b[-1]
+    batch = int(np.prod(np.broadcast_shapes(tuple(a[:-2]), tuple(b[:-2])))) if len(a) > 2 or len(b) > 2 else 1
+
+    def up(x: int) -> int:
+        return -(-int(x) // GEMM_TILE) * GEMM_TILE
+
+    return 2 * batch * up(m) * up(n) * int(k)
 
 
 def _conv_kind(node: Any, kernel: tuple[int, ...], group: int, in_ch: int) -> str:

@@ -64,7 +64,7 @@ def latency_ms(kg: KernelGraph, peak_gflops: float, bandwidth_gbps: float, fit: 
     by_kind: dict[str, float] = {}
     for k in kg.kernels:
         t_mem = k.bytes / bw
-        t_flop = k.flops / (getattr(fit, k.kind) * peak) if k.kind != "memory" else 0.0
+        t_flop = k.work_flops / (getattr(fit, k.kind) * peak) if k.kind != "memory" else 0.0
         t = max(t_mem, t_flop)
         if t_flop > t_mem:
             compute += t
