@@ -36,8 +36,8 @@ RUN groupadd --gid 1000 edgevit \
  && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/edgevit --shell /bin/bash edgevit \
  && install -d -o edgevit -g edgevit /work
 
-# edgevit finds profiles/ next to its package (edgevit/profiles.py: parents[1] / "profiles"),
-# so the source tree stays in /opt/edgevit and is installed editable, as scripts/setup does.
+# The source tree stays in /opt/edgevit and is installed editable, as scripts/setup does (device
+# profiles are package data, edgevit/device_profiles/, so a plain `pip install .` has them too).
 WORKDIR /opt/edgevit
 
 # 1) dependencies only (cached until pyproject.toml / constraints.txt change): install against a
@@ -51,7 +51,6 @@ RUN set -eu; \
 
 # 2) edgevit itself
 COPY edgevit/ edgevit/
-COPY profiles/ profiles/
 COPY calibration/ calibration/
 RUN set -eu; \
     python -m pip install --no-deps -c constraints.txt -e .; \

@@ -1,8 +1,7 @@
 """Cost of an ONNX file at batch 1: parameters, op counts, and MACs of MatMul/Gemm/Conv.
 
-Shapes come from running the model once on zeros with every matrix node's tensors exposed as
-outputs: static shape inference stops at Reshapes whose target shape is computed at run time,
-which is how ViT exports split heads."""
+Shapes come from one ONNX Runtime run on zeros (:mod:`edgevit.onnx_shapes`, the probe the
+latency predictor uses too)."""
 
 from __future__ import annotations
 
@@ -13,30 +12,9 @@ from typing import Any
 import numpy as np
 
 from edgevit.errors import EdgeVitError
+from edgevit.onnx_shapes import runtime_tensors
 
 MATRIX_OPS = ("MatMul", "Gemm", "Conv")
-
-
-def _runtime_shapes(model: Any, names: set[str]) -> dict[str, list[int]]:
-    import onnx
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for name in sorted(names - known):
-        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    feed = {}
-    for inp in sess.get_inputs():
-        shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-        dtype = np.float16 if "float16" in inp.type else np.float32
-        feed[inp.name] = np.zeros(shape, dtype=dtype)
-    outs = sess.run(None, feed)
-    return {o.name: list(v.shape) for o, v in zip(sess.get_outputs(), outs, strict=True)}
 
 
 def onnx_summary(path: Path) -> dict[str, Any]:
@@ -51,7 +29,7 @@ def onnx_summary(path: Path) -> dict[str, Any]:
     matrix = [n for n in model.graph.node if n.op_type in MATRIX_OPS]
     wanted = {t for n in matrix for t in (*n.input[:2], n.output[0]) if t and t not in inits}
     shapes = {name: list(a.shape) for name, a in inits.items()}
-    shapes.update(_runtime_shapes(model, wanted))
+    shapes.update({k: list(v[0]) for k, v in runtime_tensors(model, wanted, where="inspect").items()})
     layers = []
     for node in matrix:
         a, w, out = shapes.get(node.input[0]), shapes.get(node.input[1]), shapes.get(node.output[0])

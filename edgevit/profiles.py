@@ -1,8 +1,11 @@
-"""Device profiles (``profiles/*.yaml``): what a target runs and supports. The quantize
-pass reads ``precisions``; export and the latency predictor read the rest."""
+"""Device profiles (package data ``edgevit/device_profiles/*.yaml``): what a target runs and
+supports. The quantize pass reads ``precisions``; export and the latency predictor read the rest.
+They are read through importlib.resources so a non-editable install has them."""
 
 from __future__ import annotations
 
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Literal
 
@@ -12,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from edgevit.errors import EdgeVitError, did_you_mean
 from edgevit.predict.roofline import RooflineFit
 
-PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
+PROFILES_DIR: Traversable = resources.files("edgevit") / "device_profiles"
 
 Precision = Literal["fp32", "fp16", "int8"]
 
@@ -73,12 +76,14 @@ class DeviceProfile(BaseModel):
 
 
 def available() -> list[str]:
-    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")) if PROFILES_DIR.is_dir() else []
+    if not PROFILES_DIR.is_dir():
+        return []
+    return sorted(p.name.removesuffix(".yaml") for p in PROFILES_DIR.iterdir() if p.name.endswith(".yaml"))
 
 
 def load_profile(name_or_path: str, where: str = "profile") -> DeviceProfile:
-    """A profile by name (``profiles/<name>.yaml``) or by path to a YAML file."""
-    path = Path(name_or_path)
+    """A profile by name (``edgevit/device_profiles/<name>.yaml``) or by path to a YAML file."""
+    path: Path | Traversable = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = PROFILES_DIR / f"{name_or_path}.yaml"
         if not path.is_file():

@@ -212,7 +212,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "memory of one inference process, and whether the stage deploys as it is.", ""]
         out += ["| " + " | ".join(p_head) + " |", "|" + "---|" * len(p_head)]
         out += ["| " + " | ".join(r) + " |" for r in p_rows]
-        reasons = [(s["stage"], r) for s in report["stages"] for r in (s.get("predicted") or {}).get("reasons", [])]
+        reasons = [(s["stage"], r) for s in report["stages"] for r in
+                   [*(s.get("predicted") or {}).get("reasons", []), *(s.get("predicted") or {}).get("notes", [])]]
         out += [""] + [f"- **{stage}**: {r}" for stage, r in reasons] if reasons else []
     notes = stage_notes(report)
     if notes:
@@ -229,12 +230,18 @@ def device_median_ms(m: dict[str, Any]) -> float | None:
     return (m.get("latency_with_copies_ms") or m.get("latency_ms") or {}).get("median")
 
 
+def interval_text(p: dict[str, Any]) -> str:
+    """The predicted latency's interval (from the fit's leave-one-family-out errors), as "a–b"."""
+    iv = p.get("latency_interval_ms")
+    return f"{iv[0]:.2f}–{iv[1]:.2f}" if iv else "—"
+
+
 def prediction_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
     """Predicted vs (when a device result was added) measured, one row per stage."""
     if not any(s.get("predicted") for s in report["stages"]):
         return None
     measured = any(s.get("measured_on_device") for s in report["stages"])
-    head = ["stage", "precision", "pred ms", "pred MB", "verdict"]
+    head = ["stage", "precision", "pred ms", "interval ms", "pred MB", "verdict"]
     if measured:
         head += ["device ms (p50)", "error %", "device top-1 %", "device RAM MB"]  # ms: copies included
     rows = []
@@ -242,8 +249,8 @@ def prediction_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]
         p = s.get("predicted")
         if not p:
             continue
-        row = [s["stage"], p["precision"], fmt(p.get("latency_ms"), ".2f"), fmt(p.get("memory_mb"), ".0f"),
-               p["verdict"]]
+        row = [s["stage"], p["precision"], fmt(p.get("latency_ms"), ".2f"), interval_text(p),
+               fmt(p.get("memory_mb"), ".0f"), p["verdict"]]
         if measured:
             m = (s.get("measured_on_device") or [{}])[-1]
             got = device_median_ms(m)

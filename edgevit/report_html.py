@@ -7,7 +7,17 @@ import html
 from pathlib import Path
 from typing import Any
 
-from edgevit.report import DASH, HOST_COLUMNS, dash_note, device_median_ms, fmt, host_cells, host_line, stage_notes
+from edgevit.report import (
+    DASH,
+    HOST_COLUMNS,
+    dash_note,
+    device_median_ms,
+    fmt,
+    host_cells,
+    host_line,
+    interval_text,
+    stage_notes,
+)
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1180px;
@@ -35,7 +45,7 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[str]]:
     head = list(HOST_COLUMNS)  # the same columns as report.md and the CLI
     if predicted:
         groups.append('<th colspan="4" class="group">device, predicted</th>')
-        head += ["precision", "latency ms", "memory MB", "verdict"]
+        head += ["precision", "latency ms (interval)", "memory MB", "verdict"]
     if measured:
         groups.append('<th colspan="3" class="group">device, measured</th>')
         head += ["p50 ms", "top-1 %", "RAM MB"]
@@ -45,7 +55,8 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[str]]:
         if predicted:
             p = s.get("predicted") or {}
             verdict = p.get("verdict")
-            cells += [_cell(p.get("precision") or DASH), _cell(fmt(p.get("latency_ms"), ".2f")),
+            iv = f" ({interval_text(p)})" if p.get("latency_interval_ms") else ""
+            cells += [_cell(p.get("precision") or DASH), _cell(fmt(p.get("latency_ms"), ".2f") + iv),
                       _cell(fmt(p.get("memory_mb"), ".0f")),
                       _cell(verdict or DASH, "ok" if verdict == "deployable" else "bad" if verdict else "")]
         if measured:
@@ -73,7 +84,8 @@ def render_html(report: dict[str, Any], run_dir: Path) -> str:
     parts = [f"<h1>edgevit report: {html.escape(report['run'])}</h1>",
              f'<p class="sub">{sub} {html.escape(dash_note(report))}</p>', "<h2>Stages</h2>", "<table>", *head, *rows,
              "</table>"]
-    reasons = [(s["stage"], r) for s in report["stages"] for r in (s.get("predicted") or {}).get("reasons", [])]
+    reasons = [(s["stage"], r) for s in report["stages"] for r in
+               [*(s.get("predicted") or {}).get("reasons", []), *(s.get("predicted") or {}).get("notes", [])]]
     notes = stage_notes(report) + reasons
     if notes:
         parts += ["<h2>Notes</h2>", "<ul>"] + [f"<li><b>{html.escape(st)}</b>: {html.escape(n)}</li>"

@@ -107,9 +107,13 @@ def test_report_predicts_every_stage_on_the_nano(nano_run) -> None:
     for name in ("00-source", "01-adapt", "02-export"):
         p = stages[name]["predicted"]
         assert p["profile"] == "jetson-nano" and p["precision"] == "fp16" and p["verdict"] == "deployable"
-        assert p["latency_ms"] > 0 and p["memory_mb"] > 0 and "fitted on" in p["calibration"]
+        assert p["latency_ms"] > 0 and p["memory_mb"] > 0 and "families" in p["fit"]
+        lo, hi = p["latency_interval_ms"]
+        assert lo < p["latency_ms"] < hi
     md = (out / "report.md").read_text()
     assert "## Predicted on jetson-nano" in md and "| 02-export | fp16 |" in md
+    assert "interval ms" in md and f"{lo:.2f}–{hi:.2f}" in md  # the last stage's interval
+    assert f"({lo:.2f}–{hi:.2f})" in (out / "report.html").read_text()
     assert "jetson-nano fp16:" in log and "predicted" in log
 
 

@@ -175,7 +175,7 @@ def test_dockerignore_excludes_local_state() -> None:
                  "edgevit/__pycache__/x.cpython-312.pyc", ".pytest_cache/v", ".ruff_cache/x", "sub/dir/m.onnx"]:
         assert ignored(path, rules), f".dockerignore lets {path} into the build context"
     for path in ["pyproject.toml", "constraints.txt", "README.md", "edgevit/profiles.py", "edgevit/data/__init__.py",
-                 "profiles/jetson-nano.yaml", "docker/jetson-entrypoint.sh"]:
+                 "edgevit/device_profiles/jetson-nano.yaml", "docker/jetson-entrypoint.sh"]:
         assert not ignored(path, rules), f".dockerignore drops {path}, which an image needs"
 
 
@@ -243,7 +243,7 @@ def test_host_image() -> None:
     runs = " ".join(i.args for i in ins if i.cmd == "RUN")
     assert "-c constraints.txt" in runs and "pip install" in runs  # the pins scripts/setup uses
     copied = {w for i in ins if i.cmd == "COPY" for w in split_flags(i.args)[1][:-1]}
-    assert {"pyproject.toml", "constraints.txt", "README.md", "edgevit/", "profiles/"} <= copied
+    assert {"pyproject.toml", "constraints.txt", "README.md", "edgevit/"} <= copied
     users = [i.args.split(":")[0] for i in ins if i.cmd == "USER"]
     assert users and users[-1] not in ("root", "0"), "the host image must not run as root"
     (entry,) = [i for i in ins if i.cmd == "ENTRYPOINT"]

@@ -31,8 +31,48 @@ def test_every_profile_validates_and_every_nano_fact_has_a_source() -> None:
     assert nano.peak_gflops == {"fp16": 472.0, "fp32": 236.0} and nano.memory_bandwidth_gbps == 25.6
 
 
+def test_every_profile_and_measurement_file_is_package_data() -> None:
+    """Read through importlib.resources (what a non-editable install has), not the checkout."""
+    from importlib import resources
+
+    from edgevit.predict.points import load_measurements
+
+    root = resources.files("edgevit") / "device_profiles"
+    names = sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
+    assert names == available() and "jetson-nano" in names
+    for name in names:
+        assert load_profile(name).name == name
+    measured = [p.name.removesuffix(".yaml") for p in (root / "measurements").iterdir() if p.name.endswith(".yaml")]
+    assert measured == ["jetson-nano"]
+    assert load_measurements("jetson-nano").points
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_profiles(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).parents[1]
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    shutil.copytree(root / "edgevit", src / "edgevit", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", str(src),
+                          "-w", str(tmp_path)], capture_output=True, text=True, check=False, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (wheel,) = tmp_path.glob("edgevit-*.whl")
+    files = set(zipfile.ZipFile(wheel).namelist())
+    for name in available():
+        assert f"edgevit/device_profiles/{name}.yaml" in files, name
+    assert "edgevit/device_profiles/measurements/jetson-nano.yaml" in files
+
+
 def test_a_source_for_an_unknown_fact_is_rejected(tmp_path: Path) -> None:
-    data = yaml.safe_load((Path(__file__).parents[1] / "profiles" / "jetson-nano.yaml").read_text())
+    from importlib import resources
+
+    data = yaml.safe_load((resources.files("edgevit") / "device_profiles" / "jetson-nano.yaml").read_text())
     data["sources"]["warp_drive"] = "a rumour"
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -13,7 +13,7 @@ from edgevit import __version__
 
 # Every command module imports only typer/rich at the top: torch and onnxruntime load inside the
 # command that needs them, so --help, passes, profiles and argument errors answer at once.
-from edgevit.cli import calib, compress, data, inspect, passes, profiles, report
+from edgevit.cli import calib, compress, data, inspect, passes, predict, profiles, report
 from edgevit.errors import EdgeVitError, RunInterrupted, SignalStop
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ app.command("compress")(compress.compress)
 app.command("inspect")(inspect.inspect)
 app.command("passes")(passes.passes)
 app.command("report")(report.report)
+app.command("predict")(predict.predict)
 app.add_typer(profiles.app, name="profiles")
 app.add_typer(calib.app, name="calib")
 app.add_typer(data.app, name="data")

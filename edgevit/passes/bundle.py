@@ -68,7 +68,7 @@ class BundlePass(Pass):
         x, y = ctx.data.sample(cfg.validation_samples, ctx.seed, "val")
         prep = ctx.data.prep or {}
         h, w = graph.spec.img_size
-        predicted = predict_onnx(onnx_path, p, precision) if p is not None else None
+        predicted = predict_onnx(onnx_path, p, precision, kg=kg) if p is not None else None
         stage = ctx.stages[-1].dir.name if ctx.stages else "source"
         extra = {}
         manifest = ctx.recipe.calibration.manifest

@@ -119,6 +119,10 @@ class PrunePass(Pass):
         }
         ctx.console.print(f"  {cfg.method}: {self.metrics['flops_kept']:.3f} of the FLOPs and "
                           f"{self.metrics['params_kept']:.3f} of the parameters kept ({seconds:.1f} s)")
+        if aim.get("target_metric") == "latency":
+            lo, hi = aim["predicted_interval_ms_after"]
+            ctx.console.print(f"  aimed at {aim['predicted_ms_after']:.2f} ms predicted on {aim['profile']} (from "
+                              f"{aim['predicted_ms_before']:.2f} ms); interval {lo:.2f}-{hi:.2f} ms")
         if cfg.recover is not None:
             assert unpruned is not None
             r = cfg.recover

@@ -2,7 +2,9 @@
 
 The verdict lists every reason the model would not deploy as is: the engine does not fit
 in what a process can use, the precision has no kernels there, the opset is newer than the
-device's parser reads, or an operator is missing from that TensorRT version.
+device's parser reads, an operator is missing from that TensorRT version, or the predicted
+latency is over a limit the caller gives. Every latency comes with the interval the fit's
+leave-one-family-out errors give, and the verdict says when that interval crosses a limit.
 """
 
 from __future__ import annotations
@@ -50,44 +52,65 @@ def operator_problems(kg: KernelGraph, profile: DeviceProfile) -> list[str]:
     return reasons
 
 
-def predict_onnx(path: Path, profile: DeviceProfile, precision: str | None = None) -> dict[str, Any]:
+def predict_onnx(path: Path, profile: DeviceProfile, precision: str | None = None, kg: KernelGraph | None = None,
+                 latency_limit_ms: float | None = None) -> dict[str, Any]:
     """Prediction for one ONNX file at batch 1. ``precision`` defaults to the file's own
-    (INT8 QDQ, FP16) or, for a float32 file, the precision the device builds engines at."""
-    probe = kernel_graph(path, 4)
-    own = onnx_precision(probe, path)
+    (INT8 QDQ, FP16) or, for a float32 file, the precision the device builds engines at.
+    ``kg`` is the file's kernel graph if the caller built it already (any element size)."""
+    kg = kg if kg is not None else kernel_graph(path, 4)
+    own = onnx_precision(kg, path)
     precision = precision or own or profile.deploy_precision()
-    kg = probe if precision == "fp32" else kernel_graph(path, PRECISION_BYTES[precision])
+    kg = kg.at(PRECISION_BYTES[precision])
     reasons: list[str] = []
+    notes: list[str] = []
     if not profile.supports(precision):
         reasons.append(_precision_reason(profile, precision))
     reasons += operator_problems(kg, profile)
     out: dict[str, Any] = {"profile": profile.name, "precision": precision, "kernels": len(kg.kernels),
                            "gflops": round(kg.flops / 1e9, 4)}
-    fit = profile.roofline
-    peak = profile.peak_gflops.get(precision) or profile.peak_gflops.get("fp16")
-    if fit is not None and peak and profile.memory_bandwidth_gbps:
-        lat = latency_ms(kg, peak, profile.memory_bandwidth_gbps, fit)
-        out["latency_ms"] = round(lat.total_ms, 3)
-        out["latency_breakdown_ms"] = {"compute": round(lat.compute_ms, 3), "memory": round(lat.memory_ms, 3),
-                                       "overhead": round(lat.overhead_ms, 3), **lat.by_kind_ms}
-        out["calibration"] = fit.fitted_on
-        if fit.precision != precision:
-            out["calibration"] += f" (fitted at {fit.precision}; this prediction is at {precision})"
-    else:
-        out["latency_ms"] = None
-        out["calibration"] = f"{profile.name} has no fitted roofline; latency not predicted"
+    out.update(_latency(kg, profile, precision))
+    if out["latency_ms"] is not None and latency_limit_ms is not None:
+        lo, hi = out["latency_interval_ms"]
+        if out["latency_ms"] > latency_limit_ms:
+            reasons.append(f"predicted {out['latency_ms']:.1f} ms (interval {lo:.1f}-{hi:.1f} ms) is over the "
+                           f"{latency_limit_ms:g} ms limit")
+        elif hi > latency_limit_ms:
+            notes.append(f"the latency interval {lo:.1f}-{hi:.1f} ms crosses the {latency_limit_ms:g} ms limit: "
+                         "measure on the board before relying on it")
     if profile.runtime_memory_mb is not None:
         mem = memory_mb(kg, profile.workspace_mb, profile.runtime_memory_mb)
         out["memory_mb"] = round(mem.total_mb, 1)
         out["memory_breakdown_mb"] = {"weights": round(mem.weights_mb, 2), "activations": round(mem.activations_mb, 2),
                                       "workspace": mem.workspace_mb, "runtime": mem.runtime_mb}
-        if profile.usable_memory_mb is not None and mem.total_mb > profile.usable_memory_mb:
-            reasons.append(f"needs {mem.total_mb:.0f} MB, more than the {profile.usable_memory_mb} MB a process "
-                           f"can use on {profile.name}")
+        usable = profile.usable_memory_mb
+        if usable is not None and mem.total_mb > usable:
+            reasons.append(f"needs {mem.total_mb:.0f} MB, more than the {usable} MB a process can use on "
+                           f"{profile.name}")
     else:
         out["memory_mb"] = None
     out["verdict"] = "deployable" if not reasons else "not deployable"
     out["reasons"] = reasons
+    out["notes"] = notes
+    return out
+
+
+def _latency(kg: KernelGraph, profile: DeviceProfile, precision: str) -> dict[str, Any]:
+    fit = profile.roofline
+    peak = profile.peak_gflops.get(precision) or profile.peak_gflops.get("fp16")
+    if fit is None or not peak or not profile.memory_bandwidth_gbps:
+        return {"latency_ms": None, "latency_interval_ms": None,
+                "fit": f"{profile.name} has no fitted roofline; latency not predicted"}
+    lat = latency_ms(kg, peak, profile.memory_bandwidth_gbps, fit)
+    lo, hi = fit.interval(lat.total_ms)
+    out: dict[str, Any] = {
+        "latency_ms": round(lat.total_ms, 3), "latency_interval_ms": [round(lo, 3), round(hi, 3)],
+        "latency_breakdown_ms": {"compute": round(lat.compute_ms, 3), "memory": round(lat.memory_ms, 3),
+                                 "overhead": round(lat.overhead_ms, 3), **lat.by_kind_ms},
+        "fit": fit.fitted_on, "interval_from": fit.interval_from,
+    }
+    if fit.precision != precision:
+        out["fit"] += (f" (fitted at {fit.precision}; this {precision} prediction uses those efficiencies at the "
+                       f"{precision} peak and is not validated)")
     return out
 
 
@@ -103,7 +126,7 @@ def predict_graph_latency(graph: Any, profile: DeviceProfile) -> float:
         export_onnx(graph, path, opset=profile.export_opset(), dynamic_batch=not profile.static_batch)
         out = predict_onnx(path, profile)
     if out["latency_ms"] is None:
-        raise EdgeVitError(f"predict: {out['calibration']}")
+        raise EdgeVitError(f"predict: {out['fit']}")
     return float(out["latency_ms"])
 
 

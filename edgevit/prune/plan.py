@@ -157,9 +157,12 @@ def _latency_plan(graph: ModelGraph, cfg: PlanConfig, profile: Any) -> tuple[lis
             hi = mid
         else:
             lo = mid
+    after = latency(hi)
     return counts(hi), {"target_metric": "latency", "target_keep": t.keep, "uniform_ratio": round(hi, 4),
                         "profile": profile.name, "predicted_ms_before": round(base, 3),
-                        "predicted_ms_after": round(latency(hi), 3), "latency_probes": len(probes)}
+                        "predicted_ms_after": round(after, 3),  # the estimate is what the plan aims at
+                        "predicted_interval_ms_after": [round(x, 3) for x in profile.roofline.interval(after)],
+                        "latency_probes": len(probes)}
 
 
 def plan(graph: ModelGraph, cfg: PlanConfig, profile: Any = None) -> tuple[list[tuple[int, int]], dict]:
