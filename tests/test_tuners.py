@@ -153,7 +153,7 @@ def test_tuned_models_save_reload_and_export_with_parity(tuner: dict, tmp_path: 
         again = ModelGraph.load(stage).module.eval()(x)
         assert torch.allclose(g.module.eval()(x), again)
     ex = json.loads((tmp_path / "run" / "02-export" / "metrics.json").read_text())["metrics"]
-    assert ex["parity_max_abs_diff"] < 1e-3 and ex["parity_top1_agreement"] == 1.0
+    assert ex["parity"]["max_abs_diff"] < 1e-3 and ex["parity"]["top1_agreement"] == 1.0
     assert ("side" in saved["build"]) == (tuner["name"] != "slicefine")
     if tuner["name"] != "slicefine":
         from edgevit.onnx_io import session
