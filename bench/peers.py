@@ -54,7 +54,7 @@ the peers come with pip install -e '.[bench]'.
 #  - high_precision_dtype defaults to fp16 (the float part of the graph turns FP16, which this
 #    CPU has no kernels for): high_precision_dtype="fp32" set by hand for ORT CPU.
 # edgevit INT8:
-#  - export_onnx, preprocess, quantize_int8(layout="ort_cpu", method="percentile",
+#  - export_onnx, preprocess, quantize_int8(layout="ort_cpu", calibration_method="percentile",
 #    nodes_to_exclude=activation_matmuls(...)) (in a recipe: quantize: {} on a CPU profile).
 # ---- end by hand ----
 
@@ -323,27 +323,137 @@ def edgevit_int8(src: Path, dst: Path, calib) -> None:  # noqa: ANN001
     pre = dst.with_suffix(".pre.onnx")
     preprocess(src, pre)
     with quiet():
-        quantize_int8(pre, dst, calib, method="percentile", layout="ort_cpu",
+        quantize_int8(pre, dst, calib, calibration_method="percentile", layout="ort_cpu",
                       nodes_to_exclude=activation_matmuls(pre))
     pre.unlink()
 
 
-QUANTIZERS = {  # name: (label, function)
-    "ort": ("ONNX Runtime quantize_static, defaults", ort_default),
-    "nncf": ("NNCF, model_type TRANSFORMER", lambda s, d, c: nncf_ptq(s, d, c, True)),
-    "nncf_default": ("NNCF, defaults", lambda s, d, c: nncf_ptq(s, d, c, False)),
-    "modelopt": ("ModelOpt, high precision fp32", lambda s, d, c: modelopt_ptq(s, d, c, "fp32")),
-    "modelopt_fp16": ("ModelOpt, defaults (fp16)", lambda s, d, c: modelopt_ptq(s, d, c, "fp16")),
-    "ev": ("edgevit ort_cpu", edgevit_int8),
+def ev_fused(src: Path, dst: Path, calib) -> None:  # noqa: ANN001
+    """What the export pass hands on for the host profile: attention as ORT's Attention kernel."""
+    from edgevit.ort_fusion import fuse_for_cpu
+
+    fuse_for_cpu(src, dst, calib[:4])
+
+
+def ev_dynamic(src: Path, dst: Path, calib, fused: bool = False) -> None:  # noqa: ANN001
+    """quantize: {layout: ort_cpu_dynamic}, on the plain export or on the fused CPU form."""
+    from edgevit.quantize.int8 import activation_matmuls, preprocess, quantize_dynamic_int8
+
+    mid = dst.with_suffix(".fused.onnx")
+    if fused:
+        ev_fused(src, mid, calib)
+        src = mid
+    pre = dst.with_suffix(".pre.onnx")
+    preprocess(src, pre)
+    with quiet():
+        quantize_dynamic_int8(pre, dst, ["MatMul", "Attention"] if fused else ["MatMul"],
+                              nodes_to_exclude=activation_matmuls(pre))
+    pre.unlink()
+    mid.unlink(missing_ok=True)
+
+
+def ev_fused_static(src: Path, dst: Path, calib) -> None:  # noqa: ANN001
+    """The host profile's default INT8 (ort_cpu) on the fused form: the linears around Attention."""
+    mid = dst.with_suffix(".fused.onnx")
+    ev_fused(src, mid, calib)
+    edgevit_int8(mid, dst, calib)
+    mid.unlink()
+
+
+def _optimum_dir(src: Path, work: Path) -> Path:
+    """Optimum reads a Hugging Face config.json next to the ONNX file: a ViT one, by hand."""
+    from transformers import ViTConfig
+
+    spec = json.loads(src.with_suffix(".spec.json").read_text())
+    work.mkdir(parents=True, exist_ok=True)
+    ViTConfig(hidden_size=spec["embed_dim"], num_attention_heads=spec["heads"], num_hidden_layers=spec["depth"],
+              intermediate_size=spec["mlp_hidden"], image_size=spec["img_size"]).save_pretrained(work)
+    (work / "model.onnx").write_bytes(src.read_bytes())
+    return work
+
+
+def optimum_form(src: Path, dst: Path, calib, level: str, int8: bool) -> None:  # noqa: ANN001
+    """Optimum's ORTOptimizer at ``level``, then (``int8``) its ORTQuantizer with the AVX2 config."""
+    import shutil
+
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    from optimum.onnxruntime import ORTOptimizer, ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoOptimizationConfig, AutoQuantizationConfig
+
+    work = _optimum_dir(src, Path(tempfile.mkdtemp(prefix="edgevit-optimum-")))
+    try:
+        with quiet():
+            ORTOptimizer.from_pretrained(work, file_names=["model.onnx"]).optimize(
+                save_dir=work / "opt", optimization_config=getattr(AutoOptimizationConfig, level)())
+            out = work / "opt" / "model_optimized.onnx"
+            if int8:
+                typed = SymbolicShapeInference.infer_shapes(onnx.load(str(out)), auto_merge=True)
+                onnx.save(typed, str(out))  # by hand: its quantizer cannot type FastGelu's output otherwise
+                ORTQuantizer.from_pretrained(work / "opt", file_name=out.name).quantize(
+                    save_dir=work / "q", quantization_config=AutoQuantizationConfig.avx2(is_static=False,
+                                                                                          per_channel=False))
+                out = work / "q" / "model_optimized_quantized.onnx"
+        shutil.copy(out, dst)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def openvino_fp32(src: Path, dst: Path, calib) -> None:  # noqa: ANN001
+    import openvino as ov
+
+    ov.save_model(ov.convert_model(str(src)), str(dst.with_suffix(".xml")))
+    dst.write_text(dst.with_suffix(".xml").name)  # a pointer: the OpenVINO model is the .xml/.bin pair
+
+
+def openvino_nncf(src: Path, dst: Path, calib) -> None:  # noqa: ANN001
+    """NNCF's INT8 on the OpenVINO model of the same ONNX (model_type TRANSFORMER, its advice)."""
+    import nncf
+    import openvino as ov
+
+    ds = nncf.Dataset(list(calib[:, None]), lambda x: x)
+    with quiet():
+        q = nncf.quantize(ov.convert_model(str(src)), ds, subset_size=len(calib),
+                          model_type=nncf.ModelType.TRANSFORMER)
+    ov.save_model(q, str(dst.with_suffix(".xml")))
+    dst.write_text(dst.with_suffix(".xml").name)
+
+
+QUANTIZERS = {  # name: (label, function, runtime); every one in a process of its own
+    "ort": ("ONNX Runtime quantize_static, defaults", ort_default, "ort"),
+    "nncf": ("NNCF, model_type TRANSFORMER", lambda s, d, c: nncf_ptq(s, d, c, True), "ort"),
+    "nncf_default": ("NNCF, defaults", lambda s, d, c: nncf_ptq(s, d, c, False), "ort"),
+    "modelopt": ("ModelOpt, high precision fp32", lambda s, d, c: modelopt_ptq(s, d, c, "fp32"), "ort"),
+    "modelopt_fp16": ("ModelOpt, defaults (fp16)", lambda s, d, c: modelopt_ptq(s, d, c, "fp16"), "ort"),
+    "ev": ("edgevit ort_cpu", edgevit_int8, "ort"),
+    # CPU deployment forms (the host profile) and the CPU peers
+    "ev_fused": ("edgevit fused CPU form, FP32", ev_fused, "ort"),
+    "ev_dynamic": ("edgevit ort_cpu_dynamic", ev_dynamic, "ort"),
+    "ev_fused_static": ("edgevit fused + ort_cpu", ev_fused_static, "ort"),
+    "ev_fused_dynamic": ("edgevit fused + ort_cpu_dynamic", lambda s, d, c: ev_dynamic(s, d, c, True), "ort"),
+    "optimum_o2": ("Optimum ORTOptimizer O2", lambda s, d, c: optimum_form(s, d, c, "O2", False), "ort"),
+    "optimum_o3": ("Optimum ORTOptimizer O3", lambda s, d, c: optimum_form(s, d, c, "O3", False), "ort"),
+    "optimum_o3_int8": ("Optimum O3 + ORTQuantizer avx2 dynamic",
+                        lambda s, d, c: optimum_form(s, d, c, "O3", True), "ort"),
+    "openvino": ("OpenVINO FP32 (same ONNX)", openvino_fp32, "ov"),
+    "openvino_nncf": ("OpenVINO + NNCF INT8 TRANSFORMER", openvino_nncf, "ov"),
 }
+GROUPS = {"ev_cpu": ("ev", "ev_fused", "ev_dynamic", "ev_fused_static", "ev_fused_dynamic"),
+          "optimum": ("optimum_o2", "optimum_o3", "optimum_o3_int8"), "openvino": ("openvino", "openvino_nncf")}
+INT8_KEYS = {"ort", "nncf", "nncf_default", "modelopt", "modelopt_fp16", "ev", "ev_dynamic", "ev_fused_static",
+             "ev_fused_dynamic", "optimum_o3_int8", "openvino_nncf"}
 
 
 def quantize_apart(key: str, src: Path, dst: Path, calib_npy: Path) -> str | None:
     """One quantizer in a fresh process (ModelOpt patches ONNX Runtime's calibrators in the
     process it runs in, which then breaks quantize_static for everyone after it). Returns
     None, or the error the quantizer raised."""
+    env = dict(os.environ)
+    site = os.environ.get("EDGEVIT_OPTIMUM_SITE")
+    if key.startswith("optimum") and site:  # Optimum's own transformers pin, for its process only
+        env["PYTHONPATH"] = os.pathsep.join([site, env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, __file__, "--quantize-one", key, str(src), str(dst), str(calib_npy)],
-                         capture_output=True, text=True, cwd=REPO)
+                         capture_output=True, text=True, cwd=REPO, env=env)
     if res.returncode == 0 and dst.is_file():
         return None
     lines = [s for s in (res.stdout + res.stderr).splitlines() if s.startswith("quantize-one failed: ")]
@@ -362,12 +472,85 @@ def quantize_one(key: str, src: str, dst: str, calib_npy: str) -> int:
     return 0
 
 
-def latency(path: Path, runs: int, warmup: int) -> float:
-    """Median ms at batch 1, in a fresh process (python -m edgevit.latency)."""
-    res = subprocess.run([sys.executable, "-m", "edgevit.latency", str(path), "--batch", "1", "--runs", str(runs),
-                          "--warmup", str(warmup), "--threads", "0"], capture_output=True, text=True, check=True,
-                         cwd=REPO)
+def latency(path: Path, runs: int, warmup: int, threads: int = 0, runtime: str = "ort") -> float:
+    """Median ms at batch 1, in a fresh process (python -m edgevit.latency; OpenVINO: this
+    script's --ov-latency)."""
+    cmd = ([sys.executable, "-m", "edgevit.latency", str(path), "--batch", "1"] if runtime == "ort" else
+           [sys.executable, __file__, "--ov-latency", str(path)])
+    res = subprocess.run([*cmd, "--runs", str(runs), "--warmup", str(warmup), "--threads", str(threads)],
+                         capture_output=True, text=True, check=True, cwd=REPO)
     return json.loads(res.stdout.strip().splitlines()[-1])["median_ms"]
+
+
+def _ov_compiled(path: Path, threads: int):  # noqa: ANN202
+    import openvino as ov
+
+    core = ov.Core()
+    cfg = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    return core.compile_model(str(path.parent / path.read_text().strip()), "CPU", cfg)
+
+
+def ov_latency(path: str, runs: int, warmup: int, threads: int) -> dict:
+    """OpenVINO's CPU plugin at batch 1, latency hint (the same loop as edgevit.latency)."""
+    import numpy as np
+
+    compiled = _ov_compiled(Path(path), threads)
+    req = compiled.create_infer_request()
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    for _ in range(warmup):
+        req.infer({0: x})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        req.infer({0: x})
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"median_ms": float(np.median(times)), "runs": runs}
+
+
+def ov_predictions(path: Path, loader) -> np.ndarray:  # noqa: ANN001, F821
+    import numpy as np
+
+    compiled = _ov_compiled(path, 0)
+    return np.concatenate([compiled({0: x.numpy()})[0].argmax(-1) for x, _ in loader])
+
+
+def gemm_throughput(threads: int, size: int = 1024, reps: int = 20) -> dict:
+    """The machine's plain-GEMM limit through ONNX Runtime, best of ``reps``: FP32 MatMul and
+    u8 x s8 MatMulInteger (7-bit weights, as edgevit quantizes on this kind of CPU), GOP/s."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for kind in ("fp32", "int8"):
+        int8 = kind == "int8"
+        w = (rng.integers(-64, 64, (size, size), dtype=np.int8) if int8 else
+             rng.standard_normal((size, size)).astype(np.float32))
+        a = rng.integers(0, 255, (size, size), dtype=np.uint8) if int8 else w.astype(np.float32)
+        node = helper.make_node("MatMulInteger" if int8 else "MatMul", ["a", "w"], ["y"])
+        g = helper.make_graph([node], "gemm", [helper.make_tensor_value_info(
+            "a", TensorProto.UINT8 if int8 else TensorProto.FLOAT, [size, size])],
+            [helper.make_tensor_value_info("y", TensorProto.INT32 if int8 else TensorProto.FLOAT, [size, size])],
+            [numpy_helper.from_array(w, "w")])
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+                                    .SerializeToString(), so, providers=["CPUExecutionProvider"])
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            sess.run(None, {"a": a})
+            best = min(best, time.perf_counter() - t0)
+        out[f"{kind}_gops"] = 2 * size**3 / best / 1e9
+    return out
+
+
+def gemm_apart(threads: int) -> dict:
+    res = subprocess.run([sys.executable, __file__, "--gemm", "--threads", str(threads)], capture_output=True,
+                         text=True, check=True, cwd=REPO)
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def int8_nodes(path: Path) -> str:
@@ -388,18 +571,22 @@ def int8(args, graph, data, tmp: Path) -> dict:  # noqa: ANN001
 
     failed: dict[str, str] = {}
     acc: dict[str, float] = {}
+    keys = [k for k in QUANTIZERS if not args.forms or k in args.forms]
     np.save(tmp / "cifar.calib.npy", data.sample(args.calibration, 0, "train")[0].numpy())
     export_onnx(graph, tmp / "cifar.onnx", opset=17)
+    write_spec(graph, tmp / "cifar.onnx")
     labels, ref = predictions(session(tmp / "cifar.onnx"), data.val_loader())
     acc["fp32"], agree = 100.0 * float((ref == labels).mean()), {"fp32": 100.0}
-    for key, (label, _) in QUANTIZERS.items():
+    for key in keys:
+        label, _, runtime = QUANTIZERS[key]
         out = tmp / f"cifar.{key}.onnx"
         why = quantize_apart(key, tmp / "cifar.onnx", out, tmp / "cifar.calib.npy")
         if why is not None:
             failed[key] = why
             print(f"  int8 {label}: failed: {why}", file=sys.stderr)
             continue
-        pred = predictions(session(out), data.val_loader())[1]
+        pred = (predictions(session(out), data.val_loader())[1] if runtime == "ort" else
+                ov_predictions(out, data.val_loader()))
         acc[key], agree[key] = 100.0 * float((pred == labels).mean()), 100.0 * float((pred == ref).mean())
         print(f"  int8 {label:<40} top-1 {acc[key]:6.2f}%  same class as FP32 {agree[key]:6.2f}%  "
               f"({int8_nodes(out)})", file=sys.stderr)
@@ -408,11 +595,13 @@ def int8(args, graph, data, tmp: Path) -> dict:  # noqa: ANN001
     kw = dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, num_classes=1000)
     deit = ModelGraph.from_module(VisionTransformer(**kw).eval(), {"architecture": "VisionTransformer", "kwargs": kw})
     export_onnx(deit, tmp / "deit.onnx", opset=17)
+    write_spec(deit, tmp / "deit.onnx")
     np.save(tmp / "deit.calib.npy",
             np.random.default_rng(0).standard_normal((args.deit_calibration, 3, 224, 224)).astype(np.float32))
     nodes: dict[str, str] = {}
     models = {"fp32": tmp / "deit.onnx"}
-    for key, (label, _) in QUANTIZERS.items():
+    for key in keys:
+        label = QUANTIZERS[key][0]
         if key in failed:
             continue
         out = tmp / f"deit.{key}.onnx"
@@ -422,13 +611,17 @@ def int8(args, graph, data, tmp: Path) -> dict:  # noqa: ANN001
             print(f"  int8 {label} (DeiT): failed: {why}", file=sys.stderr)
             continue
         models[key] = out
-        nodes[key] = int8_nodes(out)
+        nodes[key] = int8_nodes(out) if QUANTIZERS[key][2] == "ort" else "OpenVINO IR"
     # Rounds interleave the models, so a slow spell on the machine hits all of them alike; each
     # figure is the median over rounds of each round's median, with the spread of the ratio.
     rounds: dict[str, list[float]] = {k: [] for k in models}
+    gemm: dict[str, float] = {}
     for r in range(args.repeat):
         for key, path in models.items():
-            rounds[key].append(latency(path, args.runs, args.warmup))
+            runtime = "ort" if key == "fp32" else QUANTIZERS[key][2]
+            rounds[key].append(latency(path, args.runs, args.warmup, args.latency_threads, runtime))
+        for k, v in gemm_apart(args.latency_threads).items():  # the machine's limit, in the same rounds
+            gemm[k] = max(gemm.get(k, 0.0), v)
         print(f"  latency round {r + 1}/{args.repeat}: " + " ".join(f"{k} {v[-1]:.2f}" for k, v in rounds.items()),
               file=sys.stderr)
     lat = {k: statistics.median(v) for k, v in rounds.items()}
@@ -439,10 +632,12 @@ def int8(args, graph, data, tmp: Path) -> dict:  # noqa: ANN001
           "images given the FP32 model's class), "
           f"{args.calibration} calibration images from train; latency: DeiT-Tiny shape (12x192, 224 px), batch 1, "
           f"median of {args.runs} runs after {args.warmup} warm-up, each model in its own process "
-          f"({os.cpu_count()} cores), {args.repeat} interleaved rounds (median; speed-up range over rounds):")
+          f"({os.cpu_count()} cores, {args.latency_threads or 'default'} thread(s) per model), {args.repeat} "
+          "interleaved rounds (median; speed-up range over rounds):")
     print(f"  {'':<40}{'top-1 %':>8}{'=FP32 %':>8}{'ms':>9}{'speed-up':>10}{'range':>12}  DeiT graph")
     print(f"  {'FP32':<40}{acc['fp32']:>8.2f}{100.0:>8.2f}{lat['fp32']:>9.2f}{1.0:>10.2f}")
-    for key, (label, _) in QUANTIZERS.items():
+    for key in keys:
+        label = QUANTIZERS[key][0]
         if key in failed:
             continue
         lo, hi = spread[key]
@@ -450,7 +645,31 @@ def int8(args, graph, data, tmp: Path) -> dict:  # noqa: ANN001
               f"{f'{lo:.2f}-{hi:.2f}':>12}  {nodes[key]}")
     for key, why in failed.items():
         print(f"  {QUANTIZERS[key][0]}: not measured: {why}")
-    return {"top1": acc, "latency": lat, "failed": failed}
+    macs = deit.cost().macs
+    best = {}
+    print(f"\nFastest form of each tool on the DeiT-Tiny shape ({macs / 1e9:.3f} GMACs) against this machine's "
+          f"plain {1024}^3 GEMM through ONNX Runtime ({args.latency_threads or 'default'} thread(s), best of the "
+          f"rounds): FP32 {gemm['fp32_gops']:.1f} GFLOP/s, INT8 {gemm['int8_gops']:.1f} GOP/s:")
+    for group, members in GROUPS.items():
+        done = [k for k in members if k in lat]
+        if not done:
+            continue
+        k = min(done, key=lat.__getitem__)
+        reached = 2 * macs / (lat[k] / 1e3) / 1e9
+        limit = gemm["int8_gops"] if k in INT8_KEYS else gemm["fp32_gops"]
+        best[group] = lat["fp32"] / lat[k]
+        print(f"  {group:<9}{QUANTIZERS[k][0]:<42}{lat[k]:>8.2f} ms  x{best[group]:.2f}  top-1 {acc[k]:.2f}% "
+              f"(FP32 {acc['fp32']:.2f}%)  {reached:.1f} GOP/s = {100 * reached / limit:.0f} % of the "
+              f"{'INT8' if k in INT8_KEYS else 'FP32'} GEMM")
+    return {"top1": acc, "latency": lat, "failed": failed, "best": best, "gemm": gemm}
+
+
+def write_spec(graph, path: Path) -> None:  # noqa: ANN001
+    """The shape facts a peer needs by hand (Optimum's config.json), next to the ONNX file."""
+    b = graph.spec.blocks[0]
+    path.with_suffix(".spec.json").write_text(json.dumps({
+        "embed_dim": graph.spec.embed_dim, "heads": b.attn.num_heads, "depth": len(graph.spec.blocks),
+        "mlp_hidden": b.mlp.hidden, "img_size": graph.spec.img_size[0]}))
 
 
 def main() -> None:
@@ -474,10 +693,20 @@ def main() -> None:
                     "OSSCAR 20x slower here)")
     ap.add_argument("--skip-prune", action="store_true")
     ap.add_argument("--skip-int8", action="store_true")
+    ap.add_argument("--latency-threads", type=int, default=1, help="threads per timed model (0: the runtime's "
+                    "default); 1 because the 2 cores here are shared: 2-thread sessions that spin-wait ran 3-5x "
+                    "slower than 1 thread while other jobs ran")
+    ap.add_argument("--forms", nargs="+", default=None, help="only these INT8 / CPU forms: " + ", ".join(QUANTIZERS))
     ap.add_argument("--quantize-one", nargs=4, metavar=("KEY", "SRC", "DST", "CALIB"), help=argparse.SUPPRESS)
+    ap.add_argument("--ov-latency", metavar="MODEL", help=argparse.SUPPRESS)
+    ap.add_argument("--gemm", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quantize_one:
         sys.exit(quantize_one(*args.quantize_one))
+    if args.ov_latency or args.gemm:
+        print(json.dumps(ov_latency(args.ov_latency, args.runs or 100, args.warmup or 20, args.threads)
+                         if args.ov_latency else gemm_throughput(args.threads)))
+        return
     q = args.quick
     for name, full, quick in (("calibration", 512, 128), ("test_limit", None, 1000), ("runs", 100, 20),
                               ("warmup", 20, 5), ("repeat", 3, 1), ("deit_calibration", 32, 8),
@@ -533,6 +762,8 @@ def main() -> None:
         parts.append(f"{key}_int8_top1={f(acc.get(key))}")
     for key in ("ort", "nncf", "ev"):
         parts.append(f"{key}_int8_speedup={f(lat['fp32'] / lat[key] if key in lat else None)}")
+    best = qr["best"] if qr else {}
+    parts += [f"{g}_best_speedup={f(best.get(g))}" for g in GROUPS]
     print("peers: " + " ".join(parts))
 
 

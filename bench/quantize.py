@@ -94,13 +94,14 @@ def main() -> None:
         for layout in ("ort_cpu", "tensorrt"):
             for m in METHODS:
                 out = tmp / f"cifar.{layout}.{m}.onnx"
-                quantize_int8(tmp / "cifar.pre.onnx", out, calib, method=m, layout=layout)
+                quantize_int8(tmp / "cifar.pre.onnx", out, calib, calibration_method=m, layout=layout)
                 results[f"int8 {layout} {m}"] = top1(out, data.val_loader())
                 print(f"  int8 {layout:<8} {m:<10} top-1 {results[f'int8 {layout} {m}']:.2f}%", file=sys.stderr)
         attn = activation_matmuls(tmp / "cifar.pre.onnx")
         for m in METHODS:
             out = tmp / f"cifar.linears.{m}.onnx"
-            quantize_int8(tmp / "cifar.pre.onnx", out, calib, method=m, layout="ort_cpu", nodes_to_exclude=attn)
+            quantize_int8(tmp / "cifar.pre.onnx", out, calib, calibration_method=m, layout="ort_cpu",
+                          nodes_to_exclude=attn)
             results[f"int8 ort_cpu linears {m}"] = top1(out, data.val_loader())
         quantize_dynamic_int8(tmp / "cifar.pre.onnx", tmp / "cifar.dynamic.onnx")
         results["int8 ort_cpu_dynamic"] = top1(tmp / "cifar.dynamic.onnx", data.val_loader())
@@ -120,10 +121,10 @@ def main() -> None:
     convert_fp16(tmp / "deit.onnx", models["fp16"])
     for layout in ("ort_cpu", "tensorrt"):
         models[f"int8 {layout}"] = tmp / f"deit.{layout}.onnx"
-        quantize_int8(tmp / "deit.pre.onnx", models[f"int8 {layout}"], dcal, method="minmax", layout=layout)
+        quantize_int8(tmp / "deit.pre.onnx", models[f"int8 {layout}"], dcal, calibration_method="minmax", layout=layout)
     models["int8 ort_cpu linears"] = tmp / "deit.linears.onnx"
-    quantize_int8(tmp / "deit.pre.onnx", models["int8 ort_cpu linears"], dcal, method="minmax", layout="ort_cpu",
-                  nodes_to_exclude=activation_matmuls(tmp / "deit.pre.onnx"))
+    quantize_int8(tmp / "deit.pre.onnx", models["int8 ort_cpu linears"], dcal, calibration_method="minmax",
+                  layout="ort_cpu", nodes_to_exclude=activation_matmuls(tmp / "deit.pre.onnx"))
     models["int8 ort_cpu_dynamic"] = tmp / "deit.dynamic.onnx"
     quantize_dynamic_int8(tmp / "deit.pre.onnx", models["int8 ort_cpu_dynamic"])
     # Interleaved rounds: a slow spell on the machine hits every model alike; the median over

@@ -89,6 +89,13 @@ def run_batches(sess: Any, images: np.ndarray) -> np.ndarray:
     return np.concatenate(outs)
 
 
+def parity_metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+    """How far ``got`` logits are from ``ref`` on the same images: the one spelling every
+    stage reports (export vs torch, quantized vs float, engine vs ONNX Runtime)."""
+    return {"max_abs_diff": float(np.abs(ref - got).max()),
+            "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean()), "samples": len(ref)}
+
+
 def predictions(sess: Any, loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
     """(labels, predicted classes) over the loader: top-1, or agreement between two models."""
     labels, preds = [], []

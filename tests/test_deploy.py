@@ -42,7 +42,7 @@ def test_nano_export_has_no_layernorm_opset_13_static_batch_and_parity(nano_run)
     m = json.loads((out / "02-export" / "metrics.json").read_text())["metrics"]
     assert m["opset"] == 13 and m["dynamic_batch"] is False
     assert m["simplified"]["nodes_after"] < m["simplified"]["nodes_before"]
-    assert m["parity_max_abs_diff"] < 1e-3 and m["parity_top1_agreement"] == 1.0
+    assert m["parity"]["max_abs_diff"] < 1e-3 and m["parity"]["top1_agreement"] == 1.0
 
 
 def test_bundle_is_complete_checksummed_and_readable_by_the_board_script(nano_run) -> None:

@@ -32,14 +32,31 @@ def test_export_parity(tiny_graph: ModelGraph, tmp_path, opset: int) -> None:
     assert "Softmax" in ops  # attention is explicit, not a fused SDPA node
 
 
-def test_export_keeps_module_state(tiny_graph: ModelGraph, tmp_path) -> None:
-    def fused() -> list[bool]:
-        return [m.fused_attn for m in tiny_graph.module.modules() if hasattr(m, "fused_attn")]
+def _attention_switches(module: torch.nn.Module) -> list[tuple[str, object]]:
+    """What an adapter's export_mode flips: timm's fused_attn flags, HF's attention implementation."""
+    out: list[tuple[str, object]] = [("fused_attn", m.fused_attn) for m in module.modules() if hasattr(m, "fused_attn")]
+    out += [("attn_implementation", m.config._attn_implementation) for m in module.modules()
+            if hasattr(getattr(m, "config", None), "_attn_implementation")]
+    return out
 
-    tiny_graph.module.train()
-    before = fused()
+
+def test_export_keeps_module_state(tiny_graph: ModelGraph, tmp_path) -> None:
+    module = tiny_graph.module
+    module.train()
+    for name, _ in _attention_switches(module):  # the fast-attention state a user's model may be in
+        for m in module.modules():
+            if name == "fused_attn" and hasattr(m, "fused_attn"):
+                m.fused_attn = True
+            if name == "attn_implementation" and hasattr(getattr(m, "config", None), "_attn_implementation"):
+                m.config._attn_implementation = "sdpa"
+    before = _attention_switches(module)
+    with tiny_graph.export_mode():
+        during = _attention_switches(module)
+        assert not any(m.training for m in module.modules())
+    if tiny_graph.spec.family != "builtin":  # SimpleViT always writes its attention out
+        assert before and during != before  # the switch is really flipped for export...
     export_onnx(tiny_graph, tmp_path / "m.onnx", opset=13)
-    assert tiny_graph.module.training and fused() == before
+    assert all(m.training for m in module.modules()) and _attention_switches(module) == before  # ...and back
 
 
 def test_static_batch_export_runs_any_batch(tiny_graph: ModelGraph, tmp_path) -> None:
@@ -59,3 +76,101 @@ def test_onnx_cost_agrees_with_graph_cost(tiny_graph: ModelGraph, tmp_path) -> N
     s = onnx_summary(path)
     assert s["macs"] == tiny_graph.cost().macs
     assert s["params"] >= tiny_graph.num_params() - 64  # the exporter may fold a few constants
+
+
+def _simplified_export(graph: ModelGraph, path) -> None:  # noqa: ANN001
+    from edgevit.onnx_io import simplify_onnx
+
+    export_onnx(graph, path, opset=17)
+    simplify_onnx(path)  # what the export pass hands on
+
+
+def test_cpu_form_fuses_every_attention_with_parity(tiny_graph: ModelGraph, tmp_path) -> None:
+    from edgevit.ort_fusion import fuse_for_cpu
+
+    plain, cpu = tmp_path / "m.onnx", tmp_path / "m.cpu.onnx"
+    _simplified_export(tiny_graph, plain)
+    x = torch.randn(6, 3, 32, 32)
+    result = fuse_for_cpu(plain, cpu, x.numpy()[:2])
+    depth = len(tiny_graph.spec.blocks)  # packed qkv (timm) and separate q, k, v (HF, SimpleViT) alike
+    assert result.attention_fused == result.attention_regions == depth and not result.unfused_regions
+    ops = op_counts(cpu)
+    assert ops.get("Attention") == depth and "Softmax" not in ops
+    with torch.no_grad():
+        ref = tiny_graph.module(x).numpy()
+    assert np.abs(run_batches(session(cpu), x.numpy()) - ref).max() < 1e-4
+
+
+def test_attention_fusion_leaves_a_region_it_got_wrong_unfused(tmp_path, monkeypatch) -> None:
+    """A rewrite on pattern alone would ship a wrong head count; the region check must not."""
+    from edgevit import ort_fusion
+    from tests.conftest import MODEL_FACTORIES
+
+    graph = ModelGraph.from_module(*MODEL_FACTORIES["timm"]())
+    graph.module.eval()
+    _simplified_export(graph, tmp_path / "m.onnx")
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    real = ort_fusion._find_regions
+
+    def wrong_heads(m, shapes):  # noqa: ANN001, ANN202
+        regions = real(m, shapes)
+        regions[0].heads = 1  # same weights, another function
+        return regions
+
+    monkeypatch.setattr(ort_fusion, "_find_regions", wrong_heads)
+    x = torch.randn(4, 3, 32, 32)
+    fused, result = ort_fusion.fuse_attention(model, x.numpy())
+    assert len(result.unfused_regions) == 1 and result.attention_fused == 1
+    out = tmp_path / "f.onnx"
+    onnx.save(fused, str(out))
+    with torch.no_grad():
+        ref = graph.module(x).numpy()
+    assert np.abs(run_batches(session(out), x.numpy()) - ref).max() < 1e-4
+
+
+def _export_recipe(profile: str, layout: str = "ort_cpu_dynamic") -> dict:
+    from tests.conftest import tiny_recipe_data
+
+    return tiny_recipe_data(profile=profile, passes=[
+        {"adapt": {"epochs": 1, "lr": 0.003, "warmup_epochs": 0}},
+        {"export": {"parity_samples": 16}},
+        {"quantize": {"eval_samples": 32, "layout": layout}},
+    ])
+
+
+@pytest.mark.parametrize("layout", ["ort_cpu_dynamic", "ort_cpu"])
+def test_host_profile_gets_the_fused_cpu_form_and_int8_on_it(tmp_path, layout: str) -> None:
+    import json
+
+    from tests.conftest import run_pipeline
+
+    run_pipeline(_export_recipe("host", layout), tmp_path / "run")
+    stage = tmp_path / "run" / "02-export"
+    m = json.loads((stage / "metrics.json").read_text())["metrics"]
+    assert m["cpu_form"]["attention_fused"] == 2 and m["cpu_form"]["parity"]["max_abs_diff"] < 1e-3
+    artifacts = json.loads((stage / "graph.json").read_text())["artifacts"]
+    assert artifacts["onnx"] == "model.cpu.onnx" and artifacts["onnx_portable"] == "model.onnx"
+    q = tmp_path / "run" / "03-quantize" / "model.int8.onnx"
+    ops = op_counts(q)
+    if layout == "ort_cpu_dynamic":  # attention's projection in INT8 too
+        assert ops.get("QAttention") == 2 and "Attention" not in ops and "Softmax" not in ops
+    else:  # static QDQ on the linears around the float Attention kernel
+        assert ops.get("Attention") == 2 and ops.get("DequantizeLinear", 0) > 0 and "Softmax" not in ops
+    assert json.loads((tmp_path / "run" / "03-quantize" / "metrics.json").read_text())["metrics"]["parity"][
+        "top1_agreement"] >= 0.9
+
+
+def test_jetson_path_stays_plain_opset_13_without_contrib_ops(tmp_path) -> None:
+    from edgevit.errors import EdgeVitError
+    from tests.conftest import run_pipeline
+
+    data = _export_recipe("jetson-nano")
+    data["passes"] = data["passes"][:2]
+    run_pipeline(data, tmp_path / "run")
+    stage = tmp_path / "run" / "02-export"
+    model = onnx.load(str(stage / "model.onnx"))
+    assert model.opset_import[0].version == 13 and {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"} and not (stage / "model.cpu.onnx").exists()
+    data["passes"][1]["export"]["cpu_fusion"] = True
+    with pytest.raises(EdgeVitError, match="runs TensorRT"):
+        run_pipeline(data, tmp_path / "forced")

@@ -104,7 +104,7 @@ def test_export_for_the_nano_uses_opset_13_without_layernorm_and_keeps_parity(tm
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) <= 13
     assert not any(n.op_type == "LayerNormalization" for n in model.graph.node)
     m = json.loads((tmp_path / "run" / "02-export" / "metrics.json").read_text())["metrics"]
-    assert m["opset"] == 13 and m["parity_top1_agreement"] >= 0.99 and m["parity_max_abs_diff"] <= 1e-3
+    assert m["opset"] == 13 and m["parity"]["top1_agreement"] >= 0.99 and m["parity"]["max_abs_diff"] <= 1e-3
     half = onnx.load(str(tmp_path / "run" / "03-quantize" / "model.fp16.onnx"))
     casts = {o for n in half.graph.node if n.op_type == "Cast"
              and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute) for o in n.output}

@@ -158,7 +158,7 @@ def test_pruned_model_saves_reloads_in_a_fresh_process_and_exports(tmp_path: Pat
                          text=True, cwd=REPO, check=True).stdout
     assert float(out) == pytest.approx(g.module(x).sum().item(), abs=1e-5)
     export = json.loads((tmp_path / "run" / "03-export" / "metrics.json").read_text())["metrics"]
-    assert export["parity_top1_agreement"] >= 0.99
+    assert export["parity"]["top1_agreement"] >= 0.99
 
 
 def test_recovery_distils_from_the_unpruned_model(tmp_path: Path) -> None:

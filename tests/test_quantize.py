@@ -54,9 +54,9 @@ def test_qdq_nodes_sit_exactly_where_configured(onnx_model: Path, tmp_path: Path
     skip = [n for n in matmuls if "fc1" in n][:1]
     assert skip
     out = tmp_path / "q.onnx"
-    quantize_int8(onnx_model, out, _images(), method="minmax", op_types=["MatMul"], nodes_to_exclude=skip)
+    quantize_int8(onnx_model, out, _images(), calibration_method="minmax", op_types=["MatMul"], nodes_to_exclude=skip)
     assert set(quantized_nodes(out, ALL)) == set(matmuls) - set(skip)  # no Conv, not the excluded one
-    quantize_int8(onnx_model, out, _images(), method="minmax", op_types=ALL)
+    quantize_int8(onnx_model, out, _images(), calibration_method="minmax", op_types=ALL)
     assert set(quantized_nodes(out, ALL)) == set(quantizable_nodes(onnx_model, ALL))
     model = onnx.load(str(out))
     inits = {i.name for i in model.graph.initializer}
@@ -71,7 +71,7 @@ def test_calibration_methods_give_different_scales_on_skewed_input(onnx_model: P
     scales = {}
     for method in ("minmax", "percentile", "entropy"):
         out = tmp_path / f"{method}.onnx"
-        quantize_int8(onnx_model, out, x, method=method, percentile=99.9, layout="tensorrt")
+        quantize_int8(onnx_model, out, x, calibration_method=method, percentile=99.9, layout="tensorrt")
         scales[method] = activation_scales(out)
     tensor = next(iter(scales["minmax"]))  # the input of the first quantized op
     s = {m: v[tensor] for m, v in scales.items()}
@@ -197,7 +197,8 @@ def test_int8_pass_feeds_the_benchmark(tmp_path: Path) -> None:
 
 
 def test_accuracy_budget_ranks_every_layer_and_meets_the_budget(tmp_path: Path) -> None:
-    run_pipeline(_quant_recipe(accuracy_budget=0.0, calibration="minmax", quantize_attention=True), tmp_path / "run")
+    run_pipeline(_quant_recipe(accuracy_budget=0.0, calibration_method="minmax", quantize_attention=True),
+                 tmp_path / "run")
     m = json.loads((tmp_path / "run" / "03-quantize" / "metrics.json").read_text())["metrics"]
     assert len(m["sensitivity"]) == 18 and all(v >= 0 for v in m["sensitivity"].values())
     ranked = list(m["sensitivity"])
@@ -212,7 +213,7 @@ def test_nano_profile_turns_int8_into_fp16_with_a_warning(tmp_path: Path) -> Non
     _, log = run_pipeline(data, tmp_path / "run")
     assert "warning: jetson-nano has no INT8 support" in log
     m = json.loads((tmp_path / "run" / "03-quantize" / "metrics.json").read_text())["metrics"]
-    assert m["precision"] == "fp16" and m["requested"] == "int8" and m["top1_agreement"] >= 0.95
+    assert m["precision"] == "fp16" and m["requested"] == "int8" and m["parity"]["top1_agreement"] >= 0.95
     graph = json.loads((tmp_path / "run" / "03-quantize" / "graph.json").read_text())
     assert graph["artifacts"]["onnx"] == "model.fp16.onnx"
     data["passes"][2]["quantize"]["strict"] = True
@@ -322,6 +323,6 @@ def test_dynamic_layout_through_the_pass(tmp_path: Path) -> None:
     data["passes"] = data["passes"][:3]
     run_pipeline(data, tmp_path / "run")
     m = json.loads((tmp_path / "run" / "03-quantize" / "metrics.json").read_text())["metrics"]
-    assert m["layout"] == "ort_cpu_dynamic" and m["calibration"] is None and len(m["kept_float"]) == 4
+    assert m["layout"] == "ort_cpu_dynamic" and m["calibration_method"] is None and len(m["kept_float"]) == 4
     assert m["reduce_range"] == int8_weights_need_reduced_range()
-    assert m["top1_agreement"] >= 0.9  # 1.0 measured; 0.90 with saturating 8-bit weights on AVX2
+    assert m["parity"]["top1_agreement"] >= 0.9  # 1.0 measured; 0.90 with saturating 8-bit weights on AVX2

@@ -153,7 +153,7 @@ def test_tuned_models_save_reload_and_export_with_parity(tuner: dict, tmp_path: 
         again = ModelGraph.load(stage).module.eval()(x)
         assert torch.allclose(g.module.eval()(x), again)
     ex = json.loads((tmp_path / "run" / "02-export" / "metrics.json").read_text())["metrics"]
-    assert ex["parity_max_abs_diff"] < 1e-3 and ex["parity_top1_agreement"] == 1.0
+    assert ex["parity"]["max_abs_diff"] < 1e-3 and ex["parity"]["top1_agreement"] == 1.0
     sides = [e["args"]["side"] for e in saved["edits"] if e["kind"] == "attach_side"]
     assert sides == ([] if tuner["name"] == "slicefine" else [tuner["name"]])
     if tuner["name"] != "slicefine":

@@ -64,9 +64,7 @@ def run_engine(engine_path: Path, images: np.ndarray) -> np.ndarray:
 
 def parity(engine_path: Path, onnx_path: Path, images: np.ndarray) -> dict[str, Any]:
     """How far the engine's logits are from ONNX Runtime's on the same images."""
-    from edgevit.onnx_io import run_batches, session
+    from edgevit.onnx_io import parity_metrics, run_batches, session
 
     ref = run_batches(session(onnx_path), images.astype(np.float32))
-    got = run_engine(engine_path, images.astype(np.float32))
-    return {"max_abs_diff": float(np.abs(ref - got).max()),
-            "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean()), "samples": len(images)}
+    return parity_metrics(ref, run_engine(engine_path, images.astype(np.float32)))

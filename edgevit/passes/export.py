@@ -1,4 +1,10 @@
-"""export: ONNX with a parity check against the torch model on real inputs."""
+"""export: ONNX with a parity check against the torch model on real inputs.
+
+For a profile whose runtime is ONNX Runtime (the host CPU) the stage also writes the fused
+CPU form (``model.cpu.onnx``: attention as ONNX Runtime's ``Attention`` kernel, see
+:mod:`edgevit.ort_fusion`), gated by the same parity check, and hands it on as the stage's
+``onnx``; the plain export stays as ``onnx_portable``. TensorRT profiles (the Jetson path)
+get the plain export only: no contrib ops."""
 
 from __future__ import annotations
 
@@ -9,7 +15,8 @@ from pydantic import Field
 from edgevit.context import RunContext
 from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
-from edgevit.onnx_io import export_onnx, op_counts, run_batches, session, simplify_onnx
+from edgevit.onnx_io import export_onnx, op_counts, parity_metrics, run_batches, session, simplify_onnx
+from edgevit.ort_fusion import fuse_for_cpu
 from edgevit.passes.base import Pass, PassConfig
 
 
@@ -23,6 +30,9 @@ class ExportConfig(PassConfig):
     parity_samples: int = Field(64, ge=1, description="validation images compared torch vs ONNX Runtime")
     atol: float = Field(1e-3, gt=0, description="largest allowed |logit difference|")
     min_agreement: float = Field(0.99, ge=0, le=1, description="smallest allowed top-1 agreement")
+    cpu_fusion: bool | None = Field(None, description="also write the fused ONNX Runtime CPU form (attention as "
+                                    "com.microsoft.Attention) and hand it on; default: when the profile's runtime "
+                                    "is onnxruntime (never for TensorRT)")
 
 
 class ExportPass(Pass):
@@ -49,24 +59,41 @@ class ExportPass(Pass):
         images, _ = ctx.data.sample(cfg.parity_samples, ctx.seed, "val")
         with torch.no_grad():
             ref = graph.module.cpu().eval()(images).numpy()
-        got = run_batches(session(path), images.numpy())
-        diff = float(np.abs(ref - got).max())
-        agree = float((ref.argmax(-1) == got.argmax(-1)).mean())
+        parity = self._parity(cfg, path, images.numpy(), ref)
         self.metrics = {
             "opset": opset,
             "dynamic_batch": dynamic,
             "simplified": simplified,
             "onnx_bytes": path.stat().st_size,
-            "parity_max_abs_diff": diff,
-            "parity_top1_agreement": agree,
-            "parity_samples": len(images),
+            "parity": parity,
             "ops": op_counts(path),
         }
-        if diff > cfg.atol or agree < cfg.min_agreement:
-            raise EdgeVitError(
-                f"export: ONNX output differs from torch (max |diff| {diff:.2e} > atol {cfg.atol:g} or "
-                f"top-1 agreement {agree:.3f} < {cfg.min_agreement}); raise passes.export.atol only if "
-                "that difference is acceptable"
-            )
         graph.artifacts["onnx"] = path
+        fuse = cfg.cpu_fusion
+        if fuse is None:
+            fuse = ctx.profile is not None and ctx.profile.runtime == "onnxruntime"
+        if fuse:
+            if ctx.profile is not None and ctx.profile.runtime == "tensorrt":
+                raise EdgeVitError(f"passes.export.cpu_fusion: {ctx.profile.name} runs TensorRT, which has no "
+                                   "ONNX Runtime contrib ops; leave cpu_fusion unset")
+            fused = ctx.stage_dir / "model.cpu.onnx"
+            result = fuse_for_cpu(path, fused, images.numpy()[:4])
+            self.metrics["cpu_form"] = {"attention_fused": result.attention_fused,
+                                        "attention_regions": result.attention_regions,
+                                        "unfused_regions": result.unfused_regions, "fused_ops": result.ops,
+                                        "parity": self._parity(cfg, fused, images.numpy(), ref)}
+            graph.artifacts["onnx_portable"] = path
+            graph.artifacts["onnx"] = fused
         return graph
+
+    @staticmethod
+    def _parity(cfg: ExportConfig, path, images: np.ndarray, ref: np.ndarray) -> dict:  # noqa: ANN001
+        """ONNX Runtime's logits against torch's; raises past the configured bounds."""
+        parity = parity_metrics(ref, run_batches(session(path), images))
+        if parity["max_abs_diff"] > cfg.atol or parity["top1_agreement"] < cfg.min_agreement:
+            raise EdgeVitError(
+                f"export: {path.name} differs from torch (max |diff| {parity['max_abs_diff']:.2e} > atol "
+                f"{cfg.atol:g} or top-1 agreement {parity['top1_agreement']:.3f} < {cfg.min_agreement}); raise "
+                "passes.export.atol only if that difference is acceptable"
+            )
+        return parity

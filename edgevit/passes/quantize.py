@@ -8,19 +8,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 from pydantic import Field
 
 from edgevit.context import RunContext
 from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
-from edgevit.onnx_io import export_onnx, op_counts
+from edgevit.onnx_io import export_onnx, op_counts, parity_metrics
 from edgevit.passes.base import Pass, PassConfig
 from edgevit.quantize.cpu_features import int8_weights_need_reduced_range
 from edgevit.quantize.fp16 import KEEP_FP32, convert_fp16
 from edgevit.quantize.int8 import (
     activation_matmuls,
-    calibrate,
+    compute_activation_ranges,
     preprocess,
     quantizable_nodes,
     quantize_dynamic_int8,
@@ -33,20 +32,20 @@ from edgevit.quantize.sensitivity import keep_in_float, logits, node_sensitivity
 class QuantizeConfig(PassConfig):
     precision: Literal["int8", "fp16"] = "int8"
     strict: bool = Field(False, description="fail instead of falling back when the profile lacks the precision")
-    calibration: Literal["minmax", "percentile", "entropy"] = "percentile"
+    calibration_method: Literal["minmax", "percentile", "entropy"] = Field(
+        "percentile", description="how activation ranges are chosen from the calibration images (static INT8)")
     percentile: float = Field(99.999, gt=50, le=100, description="percentile calibration: the kept range")
     layout: Literal["auto", "tensorrt", "ort_cpu", "ort_cpu_dynamic"] = Field(
         "auto", description="tensorrt: static QDQ, s8/s8 symmetric, zero point 0, float bias; ort_cpu: static QDQ "
-        "with u8 activations; ort_cpu_dynamic: int8 weights, activations quantized at run time (no calibration; "
-        "as fast as ort_cpu within a few % on the x86 CPU measured here); auto: tensorrt for a TensorRT profile, "
+        "with u8 activations; ort_cpu_dynamic: int8 weights, activations quantized at run time (no calibration; on "
+        "the fused CPU form attention's projection too, as QAttention); auto: tensorrt for a TensorRT profile, "
         "else ort_cpu")
     reduce_range: bool | None = Field(
         None, description="ort_cpu layouts: 7-bit weights, which x86 CPUs without VNNI need (their u8×s8 kernels "
         "saturate with 8-bit weights); default: whether this host's CPU lacks VNNI")
     quantize_attention: bool | None = Field(
         None, description="also quantize attention's activation×activation MatMuls (q·kᵀ, attn·v); default: "
-        "not for ort_cpu layouts (no faster on ONNX Runtime CPU, and less accurate on the reference teacher), yes "
-        "otherwise")
+        "not for ort_cpu layouts (see the README's INT8 figures), yes otherwise")
     op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Conv"],
                                 description="op types quantized (LayerNorm, Softmax, GELU, Add stay float)")
     exclude_op_types: list[str] = Field(default_factory=list)
@@ -92,8 +91,7 @@ class QuantizePass(Pass):
             "eval_samples": len(eval_y),
             "float_top1": round(100.0 * float((ref.argmax(1) == eval_y).mean()), 2),
             "quantized_top1": round(100.0 * float((q.argmax(1) == eval_y).mean()), 2),
-            "top1_agreement": round(float((ref.argmax(1) == q.argmax(1)).mean()), 4),
-            "max_abs_logit_diff": round(float(np.abs(ref - q).max()), 5),
+            "parity": parity_metrics(ref, q),  # against the float model it quantized
             "size_bytes": out.stat().st_size,
             "float_size_bytes": src.stat().st_size,
         })
@@ -144,20 +142,23 @@ class QuantizePass(Pass):
             if cfg.accuracy_budget is not None:
                 raise EdgeVitError("passes.quantize.accuracy_budget: works with static layouts (tensorrt, ort_cpu)")
             out = ctx.stage_dir / "model.int8.onnx"
-            quantize_dynamic_int8(pre, out, op_types, cfg.exclude_nodes + skip, reduce_range)
+            fused = ["Attention"] if "Attention" in op_counts(pre) else []  # the CPU form: → QAttention
+            quantize_dynamic_int8(pre, out, op_types + fused, cfg.exclude_nodes + skip, reduce_range)
             pre.unlink()
-            self.metrics.update({"layout": layout, "calibration": None, "kept_float": cfg.exclude_nodes + skip})
+            self.metrics.update({"layout": layout, "calibration_method": None, "kept_float": cfg.exclude_nodes + skip})
             return out
-        calib = ctx.calibration()[0].numpy()
-        cache = calibrate(pre, calib, ctx.stage_dir / "calibration.ranges.json", cfg.calibration, cfg.percentile,
-                          layout, op_types)
-        qargs = dict(method=cfg.calibration, layout=layout, op_types=op_types, cache=cache, reduce_range=reduce_range)
+        calibration_images = ctx.calibration()[0].numpy()
+        ranges = compute_activation_ranges(pre, calibration_images, ctx.stage_dir / "calibration.ranges.json",
+                                           cfg.calibration_method, cfg.percentile, layout, op_types)
+        qargs = dict(calibration_method=cfg.calibration_method, layout=layout, op_types=op_types, ranges=ranges,
+                     reduce_range=reduce_range)
         out = ctx.stage_dir / "model.int8.onnx"
         kept: list[str] = []
         if cfg.accuracy_budget is not None:
             with ctx.progress() as progress:
                 task = progress.add_task("sensitivity", total=len(nodes), info="")
-                sens = node_sensitivity(pre, ctx.stage_dir, nodes, calib, qargs, lambda: progress.advance(task))
+                sens = node_sensitivity(pre, ctx.stage_dir, nodes, calibration_images, qargs,
+                                        lambda: progress.advance(task))
             ranked = sorted(sens, key=sens.__getitem__, reverse=True)
             fp32 = 100.0 * float((ref.argmax(1) == eval_y).mean())
             kept, _ = keep_in_float(pre, out, eval_x, eval_y, fp32, ranked, cfg.accuracy_budget, qargs,
@@ -169,7 +170,8 @@ class QuantizePass(Pass):
             quantize_int8(pre, out, nodes_to_quantize=cfg.include_nodes, nodes_to_exclude=cfg.exclude_nodes + skip,
                           **qargs)
         pre.unlink()
-        self.metrics.update({"layout": layout, "calibration": cfg.calibration, "calibration_images": len(calib),
+        self.metrics.update({"layout": layout, "calibration_method": cfg.calibration_method,
+                             "calibration_images": len(calibration_images),
                              "quantized_nodes": len(quantized_nodes(out, op_types)),
                              "kept_float": kept + cfg.exclude_nodes + skip})
         return out

@@ -21,7 +21,7 @@ from edgevit.errors import EdgeVitError
 from edgevit.fileio import atomic_path
 from edgevit.quantize.cpu_features import int8_weights_need_reduced_range
 
-Method = Literal["minmax", "percentile", "entropy"]
+CalibrationMethod = Literal["minmax", "percentile", "entropy"]
 Layout = Literal["tensorrt", "ort_cpu", "ort_cpu_dynamic"]
 
 
@@ -40,7 +40,7 @@ class _Reader:
         pass
 
 
-def _ort_method(method: Method) -> Any:
+def _ort_method(method: CalibrationMethod) -> Any:
     from onnxruntime.quantization import CalibrationMethod
 
     return {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -73,7 +73,8 @@ def quantize_dynamic_int8(src: Path, dst: Path, op_types: list[str] | None = Non
     with atomic_path(Path(dst)) as tmp:
         quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8,
                          op_types_to_quantize=[t for t in (op_types or ["MatMul", "Gemm"]) if t != "Conv"],
-                         nodes_to_exclude=nodes_to_exclude or [], per_channel=False, reduce_range=reduce_range)
+                         nodes_to_exclude=nodes_to_exclude or [], per_channel=False, reduce_range=reduce_range,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # contrib ops: no inferred type
 
 
 def quantizable_nodes(path: Path, op_types: list[str]) -> list[str]:
@@ -81,17 +82,20 @@ def quantizable_nodes(path: Path, op_types: list[str]) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in op_types]
 
 
-def calibrate(src: Path, images: np.ndarray, cache: Path, method: Method = "percentile", percentile: float = 99.999,
-              layout: Layout = "tensorrt", op_types: list[str] | None = None, batch: int = 32) -> Path:
-    """Activation ranges of ``src`` on ``images``, written to ``cache`` (ORT's tensor-range
-    JSON): computed once, reused by every quantization of the same model and method."""
+def compute_activation_ranges(src: Path, images: np.ndarray, ranges: Path,
+                              calibration_method: CalibrationMethod = "percentile", percentile: float = 99.999,
+                              layout: Layout = "tensorrt", op_types: list[str] | None = None,
+                              batch: int = 32) -> Path:
+    """Activation ranges of ``src`` on the calibration ``images``, written to ``ranges``
+    (ORT's tensor-range JSON): computed once, reused by every quantization of the same model
+    and calibration method."""
     import tempfile
 
     from onnxruntime.quantization import create_calibrator, save_tensors_data
 
-    calib = _ort_method(method)
+    calib = _ort_method(calibration_method)
     options: dict[str, Any] = {"symmetric": layout == "tensorrt", "moving_average": False, "percentile": percentile}
-    if method == "entropy":
+    if calibration_method == "entropy":
         # ORT's entropy default is 128 histogram bins for 128 quantized bins, which leaves one
         # candidate threshold, the full range (= min/max); TensorRT's calibrator uses 2048 bins.
         options.update(num_bins=2048, num_quantized_bins=128)
@@ -102,35 +106,36 @@ def calibrate(src: Path, images: np.ndarray, cache: Path, method: Method = "perc
                                        calibrate_method=calib, providers=["CPUExecutionProvider"],
                                        extra_options=options)
         calibrator.collect_data(_Reader(images.astype(np.float32), input_name, batch))
-        ranges = calibrator.compute_data()
+        computed = calibrator.compute_data()
         del calibrator
-    with atomic_path(Path(cache)) as tmp_cache:
-        save_tensors_data(ranges, str(tmp_cache))
-    return Path(cache)
+    with atomic_path(Path(ranges)) as tmp_ranges:
+        save_tensors_data(computed, str(tmp_ranges))
+    return Path(ranges)
 
 
 def quantize_int8(
     src: Path,
     dst: Path,
     images: np.ndarray | None = None,
-    method: Method = "percentile",
+    calibration_method: CalibrationMethod = "percentile",
     percentile: float = 99.999,
     layout: Layout = "tensorrt",
     op_types: list[str] | None = None,
     nodes_to_quantize: list[str] | None = None,
     nodes_to_exclude: list[str] | None = None,
     batch: int = 32,
-    cache: Path | None = None,
+    ranges: Path | None = None,
     reduce_range: bool | None = None,
 ) -> None:
     """Quantize the (pre-processed) float model ``src`` into ``dst`` (written atomically),
-    calibrating on ``images`` unless a ``cache`` from :func:`calibrate` is given.
+    calibrating on ``images`` unless activation ``ranges`` from
+    :func:`compute_activation_ranges` are given.
     ``reduce_range``: 7-bit weights; default: for ``ort_cpu`` on an x86 CPU without VNNI,
     whose u8×s8 kernels saturate otherwise (:mod:`edgevit.quantize.cpu_features`); never
     for ``tensorrt``, whose kernels accumulate in 32 bits."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    calib = _ort_method(method)
+    calib = _ort_method(calibration_method)
     trt = layout == "tensorrt"
     if reduce_range is None:
         reduce_range = not trt and int8_weights_need_reduced_range()
@@ -140,17 +145,17 @@ def quantize_int8(
         "WeightSymmetric": True,
         # TensorRT keeps biases in float: an int32 bias DequantizeLinear is not something it fuses
         "QuantizeBias": not trt,
-        # Outputs of MatMul/Gemm stay float (see the module docstring). ONNX Runtime CPU,
-        # DeiT-Tiny shape, 2 cores: 1.20x -> 1.32x over FP32 (bench/peers.py).
+        # Outputs of MatMul/Gemm stay float (see the module docstring; measured in the README).
         "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
+        "DefaultTensorType": onnx.TensorProto.FLOAT,  # outputs of contrib ops (fused CPU form): no inferred type
     }
     with atomic_path(Path(dst)) as tmp:
-        own_cache = cache is None
-        if cache is None:
+        own_ranges = ranges is None
+        if ranges is None:
             if images is None:
-                raise ValueError("give calibration images or a calibration cache")
-            cache = calibrate(src, images, Path(str(tmp) + ".ranges.json"), method, percentile, layout, op_types,
-                              batch)
+                raise ValueError("give calibration images or their activation ranges")
+            ranges = compute_activation_ranges(src, images, Path(str(tmp) + ".ranges.json"), calibration_method,
+                                               percentile, layout, op_types, batch)
         try:
             quantize_static(
                 str(src), str(tmp), None,
@@ -163,15 +168,15 @@ def quantize_int8(
                 activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=calib,
-                calibration_cache_path=str(cache),
+                calibration_cache_path=str(ranges),
                 extra_options=extra,
                 use_external_data_format=False,
             )
         except (ValueError, RuntimeError) as e:
             raise EdgeVitError(f"quantize: ONNX Runtime could not quantize {src.name}: {str(e).splitlines()[0]}") from e
         finally:
-            if own_cache:
-                Path(cache).unlink(missing_ok=True)
+            if own_ranges:
+                Path(ranges).unlink(missing_ok=True)
 
 
 def quantized_nodes(path: Path, op_types: list[str] | None = None) -> list[str]:
