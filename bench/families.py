@@ -264,11 +264,11 @@ def compress(kind: str, name: str, kwargs: dict, dirs, work: Path) -> dict:  # n
     bench = json.loads((out / "03-benchmark" / "benchmark.json").read_text())["stages"]
     lat = {s["stage"]: s for s in bench}
     src, exp = lat.get("00-source"), lat.get("02-export")
-    ok = (ex["parity_max_abs_diff"] <= 1e-3 and ex["parity_top1_agreement"] >= 0.99
+    ok = (ex["parity"]["max_abs_diff"] <= 1e-3 and ex["parity"]["top1_agreement"] >= 0.99
           and src is not None and exp is not None and exp["onnx_bytes"] < src["onnx_bytes"])
-    return {"ok": bool(ok), "seconds": round(time.perf_counter() - t0), "parity": ex["parity_max_abs_diff"],
+    return {"ok": bool(ok), "seconds": round(time.perf_counter() - t0), "parity": ex["parity"]["max_abs_diff"],
             "onnx_mb": (round(src["onnx_bytes"] / 2**20, 1), round(exp["onnx_bytes"] / 2**20, 1)),
-            "latency_ms": (src["latency_ms"]["median"], exp["latency_ms"]["median"]),
+            "latency_ms": (src["host_latency"]["median"], exp["host_latency"]["median"]),
             "predicted": (exp.get("predicted") or {}).get("verdict")}
 
 

@@ -277,7 +277,7 @@ def test_compress_prunes_exports_for_jetson_nano_and_benchmarks(family: str, tmp
                if (d / "metrics.json").is_file()}
     before, pruned, after = metrics["01-export"], metrics["02-prune"], metrics["03-export"]
     assert before["opset"] == after["opset"] == 13
-    assert after["parity_max_abs_diff"] < 1e-3 and after["parity_top1_agreement"] >= 0.99
+    assert after["parity"]["max_abs_diff"] < 1e-3 and after["parity"]["top1_agreement"] >= 0.99
     assert after["onnx_bytes"] < 0.8 * before["onnx_bytes"]  # the weights really left the file
     assert pruned["params_kept"] < 0.8 and all(h >= 1 for h in pruned["heads"])
     assert "04-benchmark" in metrics
