@@ -268,7 +268,7 @@ def compress(kind: str, name: str, kwargs: dict, dirs, work: Path) -> dict:  # n
           and src is not None and exp is not None and exp["onnx_bytes"] < src["onnx_bytes"])
     return {"ok": bool(ok), "seconds": round(time.perf_counter() - t0), "parity": ex["parity"]["max_abs_diff"],
             "onnx_mb": (round(src["onnx_bytes"] / 2**20, 1), round(exp["onnx_bytes"] / 2**20, 1)),
-            "latency_ms": (src["host_latency"]["median"], exp["host_latency"]["median"]),
+            "latency_ms": (src["host_latency"]["median_ms"], exp["host_latency"]["median_ms"]),
             "predicted": (exp.get("predicted") or {}).get("verdict")}
 
 
