@@ -709,8 +709,8 @@ def main() -> None:
     ap.add_argument("--skip-prune", action="store_true")
     ap.add_argument("--skip-int8", action="store_true")
     ap.add_argument("--latency-threads", type=int, default=1, help="threads per timed model (0: the runtime's "
-                    "default); 1 because the 2 cores here are shared: 2-thread sessions that spin-wait ran 3-5x "
-                    "slower than 1 thread while other jobs ran")
+                    "default); 1 because the 2 cores here are shared: a 2-thread session ran 5.7x slower than a "
+                    "1-thread one while other jobs ran (README)")
     ap.add_argument("--forms", nargs="+", default=None, help="only these INT8 / CPU forms: " + ", ".join(QUANTIZERS))
     ap.add_argument("--quantize-one", nargs=4, metavar=("KEY", "SRC", "DST", "CALIB"), help=argparse.SUPPRESS)
     ap.add_argument("--ov-latency", metavar="MODEL", help=argparse.SUPPRESS)
