@@ -56,6 +56,21 @@ the peers come with pip install -e '.[bench]'.
 # edgevit INT8:
 #  - export_onnx, preprocess, quantize_int8(layout="ort_cpu", calibration_method="percentile",
 #    nodes_to_exclude=activation_matmuls(...)) (in a recipe: quantize: {} on a CPU profile).
+# Optimum (optimum-onnx 0.1.0: ORTOptimizer, ORTQuantizer):
+#  - it needs transformers<4.58 (it imports internals 5.x removed); the bench venv keeps 5.x, so its
+#    process gets transformers 4.57.6 + huggingface_hub 0.36.2 from a side folder
+#    (EDGEVIT_OPTIMUM_SITE, made with pip install --no-deps --target).
+#  - it reads a Hugging Face config.json beside the ONNX to choose its fusions: a ViTConfig with the
+#    model's width, heads, depth and MLP width written by hand (the model is timm's).
+#  - O3, its highest level that runs on CPU (O4 is FP16 for GPUs); it approximates GELU (FastGelu).
+#  - its quantizer cannot type FastGelu's output: ORT's symbolic shape inference run by hand first.
+#  - AutoQuantizationConfig.avx2(is_static=False, per_channel=False): this AMD EPYC (Zen 3) has AVX2
+#    and no AVX-512 or VNNI (lscpu), so the avx512_vnni config targets instructions it lacks.
+# OpenVINO 2026.4.1 (+ NNCF 3.4.0):
+#  - ov.convert_model on the same ONNX; compile_model with PERFORMANCE_HINT LATENCY and
+#    INFERENCE_NUM_THREADS (the thread count every ONNX Runtime model gets) set by hand.
+#  - NNCF on the OpenVINO model: nncf.Dataset, subset_size, model_type TRANSFORMER by hand.
+# edgevit CPU forms: quantize: {layout: ort_cpu_dynamic}; the fused form is export: {cpu_fusion: true}.
 # ---- end by hand ----
 
 from __future__ import annotations
@@ -575,7 +590,7 @@ def int8(args, graph, data, tmp: Path) -> dict:  # noqa: ANN001
     np.save(tmp / "cifar.calib.npy", data.sample(args.calibration, 0, "train")[0].numpy())
     export_onnx(graph, tmp / "cifar.onnx", opset=17)
     write_spec(graph, tmp / "cifar.onnx")
-    labels, ref = predictions(session(tmp / "cifar.onnx"), data.val_loader())
+    labels, ref = predictions(session(tmp / "cifar.onnx", args.latency_threads), data.val_loader())
     acc["fp32"], agree = 100.0 * float((ref == labels).mean()), {"fp32": 100.0}
     for key in keys:
         label, _, runtime = QUANTIZERS[key]
@@ -585,11 +600,11 @@ def int8(args, graph, data, tmp: Path) -> dict:  # noqa: ANN001
             failed[key] = why
             print(f"  int8 {label}: failed: {why}", file=sys.stderr)
             continue
-        pred = (predictions(session(out), data.val_loader())[1] if runtime == "ort" else
+        pred = (predictions(session(out, args.latency_threads), data.val_loader())[1] if runtime == "ort" else
                 ov_predictions(out, data.val_loader()))
         acc[key], agree[key] = 100.0 * float((pred == labels).mean()), 100.0 * float((pred == ref).mean())
         print(f"  int8 {label:<40} top-1 {acc[key]:6.2f}%  same class as FP32 {agree[key]:6.2f}%  "
-              f"({int8_nodes(out)})", file=sys.stderr)
+              f"({int8_nodes(out) if runtime == 'ort' else 'OpenVINO IR'})", file=sys.stderr)
 
     torch.manual_seed(0)
     kw = dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, num_classes=1000)
@@ -694,8 +709,8 @@ def main() -> None:
     ap.add_argument("--skip-prune", action="store_true")
     ap.add_argument("--skip-int8", action="store_true")
     ap.add_argument("--latency-threads", type=int, default=1, help="threads per timed model (0: the runtime's "
-                    "default); 1 because the 2 cores here are shared: 2-thread sessions that spin-wait ran 3-5x "
-                    "slower than 1 thread while other jobs ran")
+                    "default); 1 because the 2 cores here are shared: a 2-thread session ran 5.7x slower than a "
+                    "1-thread one while other jobs ran (README)")
     ap.add_argument("--forms", nargs="+", default=None, help="only these INT8 / CPU forms: " + ", ".join(QUANTIZERS))
     ap.add_argument("--quantize-one", nargs=4, metavar=("KEY", "SRC", "DST", "CALIB"), help=argparse.SUPPRESS)
     ap.add_argument("--ov-latency", metavar="MODEL", help=argparse.SUPPRESS)

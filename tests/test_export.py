@@ -128,12 +128,12 @@ def test_attention_fusion_leaves_a_region_it_got_wrong_unfused(tmp_path, monkeyp
     assert np.abs(run_batches(session(out), x.numpy()) - ref).max() < 1e-4
 
 
-def _export_recipe(profile: str, layout: str = "ort_cpu_dynamic") -> dict:
+def _export_recipe(profile: str, layout: str = "ort_cpu_dynamic", cpu_fusion: bool = True) -> dict:
     from tests.conftest import tiny_recipe_data
 
     return tiny_recipe_data(profile=profile, passes=[
         {"adapt": {"epochs": 1, "lr": 0.003, "warmup_epochs": 0}},
-        {"export": {"parity_samples": 16}},
+        {"export": {"parity_samples": 16, "cpu_fusion": cpu_fusion}},
         {"quantize": {"eval_samples": 32, "layout": layout}},
     ])
 
@@ -164,7 +164,7 @@ def test_jetson_path_stays_plain_opset_13_without_contrib_ops(tmp_path) -> None:
     from edgevit.errors import EdgeVitError
     from tests.conftest import run_pipeline
 
-    data = _export_recipe("jetson-nano")
+    data = _export_recipe("jetson-nano", cpu_fusion=False)
     data["passes"] = data["passes"][:2]
     run_pipeline(data, tmp_path / "run")
     stage = tmp_path / "run" / "02-export"
