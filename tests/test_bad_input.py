@@ -569,13 +569,15 @@ def test_damaged_manifest(finished_run: tuple[Path, dict[str, str]], tmp_path: P
 
 
 def test_damaged_graph_json(finished_run: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
-    """compress re-runs from the damaged stage (or with --no-rerun stops); report refuses; as an input
-    model (source: edgevit) it is one line too."""
+    """compress re-runs from the damaged stage (or with --no-rerun stops); report names it and fails in
+    one line; as an input model (source: edgevit) it is one line too."""
     out = tmp_path / "run"
     shutil.copytree(finished_run[0], out)
     (out / "01-adapt" / "graph.json").write_text('{"format": "edgevit.graph/1", "spec": {"blocks": [')
     recipe = write_yaml(tmp_path / "r.yaml", tiny_recipe_data())
-    assert_user_error(run_cli("report", str(out)), "report", "01-adapt/graph.json", "sha256")
+    res = run_cli("report", str(out))  # says the file changed, then that it cannot be read
+    assert "01-adapt/graph.json changed since its stage finished (sha256 mismatch)" in res.stderr
+    assert_run_error(res, "report", "cannot rebuild the report")
     assert_user_error(compress(recipe, out, "--no-rerun"), "01-adapt/graph.json", "sha256", "--no-rerun")
     as_input = write_yaml(tmp_path / "in.yaml", quick_recipe(model={"source": "edgevit",
                                                                      "path": str(out / "01-adapt")}))
