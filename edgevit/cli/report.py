@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from edgevit.cli.console import stdout_console
+from edgevit.cli.console import stderr_console, stdout_console
 from edgevit.errors import EdgeVitError
 
 
@@ -26,7 +26,7 @@ def report(
         raise EdgeVitError(f"report: {run} is not a run directory (no manifest.json); pass runs/<recipe name>")
     with RunLock(run):  # not while a compress is writing the run
         for path in changed_stage_files(run):
-            Console(stderr=True, highlight=False, soft_wrap=True).print(
+            stderr_console().print(
                 f"[yellow]warning:[/yellow] {path} changed since its stage finished (sha256 mismatch): the report "
                 "shows what was measured then; re-run edgevit compress with the same recipe and --out to redo it")
         for path in measured:
