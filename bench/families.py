@@ -276,6 +276,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--train-limit", type=int, default=10000, help="training images (of 50,000)")
+    ap.add_argument("--test-limit", type=int, default=10000, help="test images for top-1 (of 10,000)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--calibration", type=int, default=256)
     ap.add_argument("--compress", default=",".join(COMPRESS), help="families for the 224 px compress runs")
@@ -293,6 +294,8 @@ def main() -> None:
     saved.mkdir(parents=True, exist_ok=True)
     if args.part in ("all", "oneshot"):
         data = cifar_tensors(dirs)
+        pick = torch.randperm(len(data[2]), generator=torch.Generator().manual_seed(2))[:args.test_limit]
+        data = (*data[:2], data[2][pick], data[3][pick])  # a fixed random subset (the files are class-ordered)
         results = {kind: one_shot(kind, data, args.epochs, args.lr, args.train_limit, args.calibration)
                    for kind in ("swin", "mobilevit")}
         (saved / "oneshot.json").write_text(json.dumps(results, indent=1))
