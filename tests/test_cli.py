@@ -75,7 +75,7 @@ def test_passes_cache_follows_the_source(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def _profile_names() -> list[str]:
-    return sorted(p.stem for p in (REPO / "profiles").glob("*.yaml"))
+    return sorted(p.stem for p in (REPO / "edgevit" / "device_profiles").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("columns", [None, "40"])
@@ -102,7 +102,7 @@ def test_profiles_show_piped_keeps_sources_whole() -> None:
     res = subprocess.run(f"{sys.executable} -m edgevit.cli.main profiles show jetson-nano | cat", shell=True,
                          capture_output=True, text=True, env=env, timeout=120, check=False)
     assert res.returncode == 0, res.stderr
-    p = yaml.safe_load((REPO / "profiles" / "jetson-nano.yaml").read_text())
+    p = yaml.safe_load((REPO / "edgevit" / "device_profiles" / "jetson-nano.yaml").read_text())
     for fact, source in p["sources"].items():
         if fact in ("name", "description", "caveats"):
             continue
