@@ -585,14 +585,17 @@ def test_damaged_graph_json(finished_run: tuple[Path, dict[str, str]], tmp_path:
 
 
 def test_all_zero_layer_inputs_reaching_osscar(tmp_path: Path) -> None:
-    """A model whose weights are all zero gives OSSCAR a zero Gram matrix: one line, not LinAlgError."""
+    """A model whose weights are all zero gives OSSCAR a zero Gram matrix. It used to end in
+    LinAlgError; the per-column ridge has a floor, so H stays invertible and the prune runs."""
     from edgevit.models.simple_vit import SimpleViT
 
     ckpt = tmp_path / "zeros.safetensors"
     save_file({k: torch.zeros_like(v) for k, v in SimpleViT(**TINY_KWARGS).state_dict().items()}, str(ckpt))
     recipe = write_yaml(tmp_path / "r.yaml", tiny_recipe_data(
         model=dict(builtin_model(), checkpoint=str(ckpt)), passes=[{"prune": {"method": "osscar", "mlp": 0.5}}]))
-    assert_run_error(compress(recipe, tmp_path / "run"), "passes[0].prune", "degenerate")
+    res = compress(recipe, tmp_path / "run")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert (tmp_path / "run" / "01-prune" / "model.safetensors").is_file()
 
 
 def test_inspect_empty_onnx(tmp_path: Path) -> None:

@@ -117,6 +117,7 @@ def test_save_load_in_fresh_process(tiny_graph: ModelGraph, tmp_path) -> None:
     ref = logits(g)
     code = (
         "import sys, torch\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"  # bit-identical needs the same reduction order
         "from edgevit.graph import ModelGraph\n"
         f"g = ModelGraph.load({str(tmp_path / 'stage')!r})\n"
         f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
