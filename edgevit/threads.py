@@ -4,8 +4,12 @@ torch and ONNX Runtime default to one thread per core. On cores other work alrea
 their threads spin-wait for each other and a run gets many times slower than with one
 thread (demo training on 2 shared cores: adapt epochs of 98-273 s against 10.6-15.9 s).
 So the default is one thread per *idle* physical core: the cores this process may use, less
-the load average, at least 1 and at most the physical cores (hyper-threads share one core's
-arithmetic units, so they do not speed up matrix work). ``OMP_NUM_THREADS``, when set, is
+the cores other work keeps busy right now, at least 1 and at most the physical cores
+(hyper-threads share one core's arithmetic units, so they do not speed up matrix work).
+"Busy right now" is CPU time sampled from /proc/stat over a fifth of a second, not the load
+average: on an idle VM the load average sits near 1 from tasks waiting on I/O (which use no
+CPU), and on 2 cores that alone halved the default. The load average is the fallback where
+/proc/stat is unreadable. ``OMP_NUM_THREADS``, when set, is
 taken as the user's choice."""
 
 from __future__ import annotations
@@ -48,6 +52,37 @@ def physical_cores() -> int:
     return len(pairs) or os.cpu_count() or 1
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat; I/O wait counts as idle."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 5:
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # guest time is already inside user
+    return total - idle, total
+
+
+def busy_cores(sample_s: float = 0.2) -> tuple[float, str]:
+    """Cores' worth of CPU other work uses now, and where the figure came from."""
+    import time
+
+    first = _cpu_times()
+    if first is not None:
+        time.sleep(sample_s)
+        second = _cpu_times()
+        if second is not None and second[1] > first[1]:
+            share = (second[0] - first[0]) / (second[1] - first[1])
+            return share * (os.cpu_count() or 1), "busy now"
+    try:
+        return os.getloadavg()[0], "load average"
+    except OSError:
+        return 0.0, "load unknown"
+
+
 def choose_threads(requested: int | None = None) -> ThreadChoice:
     """The thread count for this run and why."""
     if requested:
@@ -57,13 +92,10 @@ def choose_threads(requested: int | None = None) -> ThreadChoice:
         return ThreadChoice(int(env), "from OMP_NUM_THREADS")
     cores = usable_cores()
     limit = min(cores, physical_cores())
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    idle = math.floor(cores - load + 0.5)
+    busy, source = busy_cores()
+    idle = math.floor(cores - busy + 0.5)
     count = max(1, min(limit, idle))
-    return ThreadChoice(count, f"auto: {limit} physical cores usable, load average {load:.1f}")
+    return ThreadChoice(count, f"auto: {limit} physical cores usable, {busy:.1f} {source}")
 
 
 def apply_threads(choice: ThreadChoice) -> ThreadChoice:

@@ -218,15 +218,32 @@ def test_thread_default_is_one_per_idle_core(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "usable_cores", lambda: 8)
     monkeypatch.setattr(threads, "physical_cores", lambda: 4)
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
-    assert threads.choose_threads().count == 4  # idle machine: the physical cores, not hyper-threads
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (6.6, 0.0, 0.0))
-    assert threads.choose_threads().count == 1  # busy cores: one thread, no spin-waiting on them
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (30.0, 0.0, 0.0))
-    assert threads.choose_threads().count == 1
+    for busy, want in ((0.2, 4), (6.6, 1), (30.0, 1), (5.0, 3)):
+        monkeypatch.setattr(threads, "busy_cores", lambda b=busy: (b, "busy now"))
+        assert threads.choose_threads().count == want, busy  # idle: physical cores, not hyper-threads
     assert threads.choose_threads(3).count == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert threads.choose_threads().count == 2 and "OMP_NUM_THREADS" in threads.choose_threads().reason
+
+
+def test_busy_cores_reads_cpu_time_not_io_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """I/O wait uses no CPU: a machine whose only 'load' is tasks waiting on disk is idle."""
+    from edgevit import threads
+
+    samples = iter([(100, 1000), (100, 1200)])  # no busy jiffies between the two reads
+    monkeypatch.setattr(threads, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.9, 0.9, 0.9))
+    assert threads.busy_cores(0.0) == (0.0, "busy now")
+    samples = iter([(0, 1000), (150, 1200)])  # three quarters of every CPU busy
+    monkeypatch.setattr(threads, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
+    assert threads.busy_cores(0.0) == (3.0, "busy now")
+    monkeypatch.setattr(threads, "_cpu_times", lambda: None)
+    assert threads.busy_cores(0.0) == (0.9, "load average")
+    monkeypatch.undo()
+    if Path("/proc/stat").exists():
+        real = threads._cpu_times()
+        assert real is not None and 0 <= real[0] <= real[1]
 
 
 def test_threads_option_reaches_torch_and_onnxruntime(tmp_path: Path, write_recipe) -> None:
