@@ -88,15 +88,17 @@ def test_mgd_masks_student_tokens_afresh_and_rebuilds_every_position() -> None:
     student, _ = shrink(teacher, ShrinkConfig(depth=2))
     obj = _objective(LossConfig(**{**OFF, "mgd": 1.0, "mask_ratio": 0.5}), student, teacher)
     gen = obj.generators["1"]
-    masks = [gen.mask(2, torch.device("cpu")) for _ in range(2)]
+    grid = student.spec.grid
+    masks = [gen.mask(2, grid, torch.device("cpu")) for _ in range(2)]
     assert not torch.equal(masks[0], masks[1])  # a new mask per call
     assert 0.2 < float(1 - torch.cat(masks).mean()) < 0.8
-    x = torch.randn(1, 16, 32, requires_grad=True)
+    x = torch.randn(1, 32, *grid, requires_grad=True)
     torch.manual_seed(3)
-    m = gen.mask(1, torch.device("cpu")).flatten()
+    m = gen.mask(1, grid, torch.device("cpu")).flatten()
     torch.manual_seed(3)
-    gen(x).sum().backward()
-    assert torch.all(x.grad[0][m == 0] == 0) and torch.all(x.grad[0][m == 1].abs().sum(-1) > 0)  # masked = unseen
+    gen(x, grid).sum().backward()
+    g = x.grad[0].flatten(1)  # C, positions
+    assert torch.all(g[:, m == 0] == 0) and torch.all(g[:, m == 1].abs().sum(0) > 0)  # masked = unseen
     obj.close()
 
 
@@ -121,9 +123,10 @@ def test_layer_map_and_projectors_bridge_depth_and_width() -> None:
     same.close()
     with pytest.raises(EdgeVitError, match="feature_layers: 3: 0 is out of range"):
         _objective(LossConfig(feature_layers={3: 0}), student, teacher)
+    # another patch grid (2x2 against the teacher's 4x4): the student's maps are resampled
     other_grid = ModelGraph.from_module(vt.VisionTransformer(**dict(kw, patch_size=8)), None)
-    with pytest.raises(EdgeVitError, match="same patch grid"):
-        _objective(LossConfig(), other_grid, teacher)
+    g = _grads(LossConfig(**{**OFF, "feature": 1.0, "mgd": 1e-2}), other_grid, teacher)
+    assert g["blocks.0.attn.qkv.weight"].abs().sum() > 0 and g["blocks.2.mlp.fc2.weight"].abs().sum() > 0
 
 
 def test_a_cnn_teacher_gives_logit_kd_and_a_clear_error_for_features() -> None:
@@ -284,21 +287,21 @@ def test_mgd_rebuilds_a_masked_token_from_its_neighbours() -> None:
     obj = _objective(LossConfig(**{**OFF, "mgd": 1.0, "mask_ratio": 0.5}), student, teacher)
     gen = obj.generators["1"]
     obj.close()
-    rows, cols = gen.grid
+    rows, cols = student.spec.grid
     checked = 0
     for seed in range(4):
         torch.manual_seed(seed)
-        m = gen.mask(1, torch.device("cpu")).flatten()
+        m = gen.mask(1, (rows, cols), torch.device("cpu")).flatten()
         for j in torch.nonzero(m == 0).flatten().tolist():
             r, c = divmod(j, cols)
-            near = [nr * cols + nc for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1))
+            near = [(nr, nc) for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1))
                     if 0 <= nr < rows and 0 <= nc < cols and m[nr * cols + nc] == 1]
             if not near:
                 continue
-            x = torch.randn(1, rows * cols, 32, requires_grad=True)
+            x = torch.randn(1, 32, rows, cols, requires_grad=True)
             torch.manual_seed(seed)
-            gen(x)[0, j].sum().backward()
-            assert torch.all(x.grad[0, j] == 0)  # masked: unseen
-            assert all(x.grad[0, k].abs().sum() > 0 for k in near)  # rebuilt from its kept neighbours
+            gen(x, (rows, cols))[0, :, r, c].sum().backward()
+            assert torch.all(x.grad[0, :, r, c] == 0)  # masked: unseen
+            assert all(x.grad[0, :, nr, nc].abs().sum() > 0 for nr, nc in near)  # rebuilt from its neighbours
             checked += 1
     assert checked >= 4

@@ -345,16 +345,41 @@ def test_shrink_keeps_blocks_within_each_stage(fam) -> None:
     assert g.spec.depth == len(g.spec.blocks) and g.edits == []  # the teacher is untouched
 
 
-def test_feature_losses_refuse_hierarchical_models_clearly() -> None:
+@pytest.mark.parametrize("teacher_family", ["swin", "mobilevit"])
+def test_feature_losses_match_other_token_grids(teacher_family: str) -> None:
+    """A Swin or MobileViT teacher's block maps (other grids and widths) reach a plain ViT
+    student through the adapters' feature maps, a projector and resampling."""
     from edgevit.distill import LossConfig
     from edgevit.distill.objective import DistillObjective, teacher_input
 
+    module, build = FAMILIES[teacher_family]()
+    t = ModelGraph.from_module(module.eval(), build)
+    vit = ModelGraph.load(Path(__file__).parent / "fixtures" / "v1_stage")
+    cfg = LossConfig(ce=0.0, kd=0.0, feature=1.0, mgd=1e-2, feature_layers={0: 0}, mgd_layers={1: t.spec.depth - 1})
+    obj = DistillObjective(cfg, vit.module, vit.spec, t.module, t.spec,
+                           teacher_input(vit.spec, None, None, t.spec.img_size), 0.0, where="passes.distill",
+                           student_adapter=vit.adapter, teacher_adapter=t.adapter)
+    t_last = t.spec.block(t.spec.depth - 1)
+    align = obj.generators["1"].align
+    assert isinstance(align, torch.nn.Linear) and align.out_features == t_last.dim
+    vit.module.train().zero_grad()
+    x = torch.randn(2, 3, *vit.spec.img_size)
+    loss, terms = obj(vit.module, x, torch.zeros(2, dtype=torch.long))
+    loss.backward()
+    obj.close()
+    assert set(terms) == {"feat", "mgd"} and all(v > 0 for v in terms.values())
+    grads = {n: p.grad for n, p in vit.module.named_parameters() if p.grad is not None}
+    assert grads[f"{vit.spec.block(0).path}.attn.qkv.weight"].abs().sum() > 0
+    assert grads[f"{vit.spec.block(1).path}.mlp.fc2.weight"].abs().sum() > 0
+
+
+def test_feature_maps_are_the_blocks_own_layout() -> None:
+    """Swin's (B, H, W, C) output is permuted, not reshaped: position (h, w) keeps its channels."""
     module, build = _swin()
     g = ModelGraph.from_module(module.eval(), build)
-    with pytest.raises(EdgeVitError, match="feature losses read one token grid.*timm_swin teacher.*feature: 0"):
-        vit = ModelGraph.load(Path(__file__).parent / "fixtures" / "v1_stage")
-        DistillObjective(LossConfig(feature=1.0), vit.module, vit.spec, g.module, g.spec,
-                         teacher_input(vit.spec, None, None, None), 0.0, where="passes.distill")
+    out = torch.randn(2, 4, 6, g.spec.block(0).dim)
+    fmap = g.adapter.feature_map(out, g.spec.block(0), g.spec, 2)
+    assert fmap.shape == (2, out.shape[-1], 4, 6) and torch.equal(fmap[1, :, 3, 5], out[1, 3, 5])
 
 
 def test_side_module_tuners_refuse_staged_models_clearly() -> None:

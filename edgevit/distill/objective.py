@@ -9,7 +9,7 @@ with the student through :meth:`DistillObjective.modules` and never become part 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -80,24 +80,12 @@ def logit_distillation(cfg: LossConfig, student: torch.Tensor, teacher: torch.Te
     return logit_mse(student, teacher) if cfg.kd_loss == "mse" else kd_loss(student, teacher, cfg.temperature)
 
 
-class TokenLayout:
-    """Where the class token and the patch tokens sit in a block's output."""
-
-    def __init__(self, spec: GraphSpec) -> None:
-        self.has_cls = spec.num_prefix_tokens >= 1 and spec.pool == "token"
-        self.num_patches = spec.num_patches
-        self.grid = spec.grid
-
-    def patches(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens[:, -self.num_patches:]
-
-
 class MaskedGenerator(nn.Module):
-    """MGD for ViT tokens: align width, zero a fresh random set of patch tokens, rebuild the
-    teacher's whole patch-token map with two 3×3 convolutions over the patch grid (so a masked
-    token is rebuilt from its neighbours)."""
+    """MGD on patch maps: align width, zero a fresh random set of the student's patch positions,
+    rebuild the teacher's whole map with two 3×3 convolutions over the patch grid (so a masked
+    position is rebuilt from its neighbours), then resample to the teacher's grid if it differs."""
 
-    def __init__(self, student_dim: int, teacher_dim: int, grid: tuple[int, int], mask_ratio: float) -> None:
+    def __init__(self, student_dim: int, teacher_dim: int, mask_ratio: float) -> None:
         super().__init__()
         self.align = nn.Linear(student_dim, teacher_dim) if student_dim != teacher_dim else nn.Identity()
         self.generator = nn.Sequential(
@@ -105,19 +93,40 @@ class MaskedGenerator(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(teacher_dim, teacher_dim, 3, padding=1),
         )
-        self.grid = grid
         self.mask_ratio = mask_ratio
 
-    def mask(self, b: int, device: torch.device) -> torch.Tensor:
+    def mask(self, b: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
         """1 = kept, 0 = masked; drawn anew at every call."""
-        return (torch.rand(b, 1, *self.grid, device=device) >= self.mask_ratio).float()
+        return (torch.rand(b, 1, *grid, device=device) >= self.mask_ratio).float()
 
-    def forward(self, student_patches: torch.Tensor) -> torch.Tensor:
-        x = self.align(student_patches)  # B, P, C
-        b, p, c = x.shape
-        x = x.transpose(1, 2).reshape(b, c, *self.grid)
-        x = x * self.mask(b, x.device).to(x.dtype)
-        return self.generator(x).flatten(2).transpose(1, 2)  # B, P, C
+    def forward(self, student_map: torch.Tensor, teacher_grid: tuple[int, int]) -> torch.Tensor:
+        x = channels_last_linear(self.align, student_map)  # B, C_t, h, w
+        x = x * self.mask(x.shape[0], tuple(x.shape[-2:]), x.device).to(x.dtype)
+        return resample(self.generator(x), teacher_grid)
+
+
+def channels_last_linear(layer: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
+    """A Linear over the channels of a (B, C, h, w) map (a 1×1 convolution)."""
+    if isinstance(layer, nn.Identity):
+        return fmap
+    return layer(fmap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def resample(fmap: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A (B, C, h, w) map at another patch grid (bilinear): blocks of other token grids compare."""
+    if tuple(fmap.shape[-2:]) == tuple(grid):
+        return fmap
+    return F.interpolate(fmap, size=tuple(grid), mode="bilinear", align_corners=False)
+
+
+def _block_dim(spec: GraphSpec, i: int) -> int:
+    return spec.block(i).dim or spec.embed_dim
+
+
+def _default_map(output: torch.Tensor, _blk: object, spec: GraphSpec, batch: int) -> torch.Tensor:
+    from edgevit.graph.adapters.base import token_map
+
+    return token_map(output, spec, batch)
 
 
 class DistillObjective:
@@ -133,7 +142,11 @@ class DistillObjective:
         teacher_input: Callable[[torch.Tensor], torch.Tensor],
         label_smoothing: float = 0.0,
         where: str = "distill",
+        student_adapter: Any = None,
+        teacher_adapter: Any = None,
     ) -> None:
+        """``student_adapter`` / ``teacher_adapter`` (the graphs' adapters) turn block outputs into
+        patch maps (:meth:`Adapter.feature_map`); without one the output is read as a token sequence."""
         self.cfg = cfg
         self.teacher = teacher.eval()
         self._teacher_flags = [(p, p.requires_grad) for p in teacher.parameters()]
@@ -157,30 +170,22 @@ class DistillObjective:
                     f"read; {type(teacher).__name__} gives logits only. Set feature: 0 and mgd: 0 (logit KD works)"
                 )
             t = teacher_spec
-            if not (s.plain and t.plain):
-                raise EdgeVitError(
-                    f"{where}: feature losses read one token grid through every block; the "
-                    f"{(t if s.plain else s).family} {'teacher' if s.plain else 'student'} has stages of other "
-                    "widths or token counts. Set feature: 0 and mgd: 0 (logit KD works)"
-                )
-            if t.grid != s.grid:
-                raise EdgeVitError(
-                    f"{where}: feature losses need the same patch grid; the student has {s.grid}, the teacher "
-                    f"{t.grid}. Match patch size and image size, or set feature: 0 and mgd: 0"
-                )
-            self.s_layout, self.t_layout = TokenLayout(s), TokenLayout(t)
+            self.s_spec, self.t_spec = s, t
+            self.s_map = student_adapter.feature_map if student_adapter is not None else _default_map
+            self.t_map = teacher_adapter.feature_map if teacher_adapter is not None else _default_map
+            self.cls_pair = all(x.plain and x.pool == "token" and x.num_prefix_tokens >= 1 for x in (s, t))
             if cfg.feature > 0:
                 self.feature_layers = _check_map(
                     cfg.feature_layers or default_layers(s.depth, t.depth, "shallow"), s.depth, t.depth,
                     f"{where}.feature_layers")
-                for si in self.feature_layers:
-                    self.projectors[str(si)] = (nn.Linear(s.embed_dim, t.embed_dim)
-                                                if s.embed_dim != t.embed_dim else nn.Identity())
+                for si, ti in self.feature_layers.items():
+                    sd, td = _block_dim(s, si), _block_dim(t, ti)
+                    self.projectors[str(si)] = nn.Linear(sd, td) if sd != td else nn.Identity()
             if cfg.mgd > 0:
                 self.mgd_layers = _check_map(cfg.mgd_layers or default_layers(s.depth, t.depth, "deep"),
                                              s.depth, t.depth, f"{where}.mgd_layers")
-                for si in self.mgd_layers:
-                    self.generators[str(si)] = MaskedGenerator(s.embed_dim, t.embed_dim, s.grid, cfg.mask_ratio)
+                for si, ti in self.mgd_layers.items():
+                    self.generators[str(si)] = MaskedGenerator(_block_dim(s, si), _block_dim(t, ti), cfg.mask_ratio)
             s_paths = [s.block(i).path for i in (*self.feature_layers, *self.mgd_layers)]
             t_paths = [t.block(i).path for i in (*self.feature_layers.values(), *self.mgd_layers.values())]
             self.t_tap = FeatureTap(self.teacher, t_paths)
@@ -211,6 +216,7 @@ class DistillObjective:
         with torch.no_grad():
             t_logits = self.teacher(self.teacher_input(images))
         logits = model(images)
+        self._batch = images.shape[0]
         terms: dict[str, torch.Tensor] = {}
         if self.head_paths:  # DeiT: class head learns the labels, distillation head the teacher
             cls_logits, dist_logits = (self.s_tap.take(p) for p in self.head_paths)
@@ -242,19 +248,26 @@ class DistillObjective:
         assert self.t_tap is not None
         return self.s_tap.take(self.s_blocks[si]), self.t_tap.take(self.t_blocks[ti])
 
-    def _mimic(self, si: int, ti: int) -> torch.Tensor:
+    def _maps(self, si: int, ti: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw outputs and (B, C, h, w) patch maps of student block ``si`` and teacher block ``ti``."""
         s, t = self._pair(si, ti)
-        s = self.projectors[str(si)](s)
-        loss = F.mse_loss(self.s_layout.patches(s).float(), self.t_layout.patches(t).float())
-        if self.s_layout.has_cls and self.t_layout.has_cls:
-            loss = loss + F.mse_loss(s[:, 0].float(), t[:, 0].float())
+        b = self._batch
+        return (s, t, self.s_map(s, self.s_spec.block(si), self.s_spec, b),
+                self.t_map(t, self.t_spec.block(ti), self.t_spec, b))
+
+    def _mimic(self, si: int, ti: int) -> torch.Tensor:
+        s, t, s_map, t_map = self._maps(si, ti)
+        proj = self.projectors[str(si)]
+        s_map = resample(channels_last_linear(proj, s_map), tuple(t_map.shape[-2:]))
+        loss = F.mse_loss(s_map.float(), t_map.float())
+        if self.cls_pair:
+            loss = loss + F.mse_loss(proj(s[:, 0]).float(), t[:, 0].float())
         return loss
 
     def _mgd(self, si: int, ti: int) -> torch.Tensor:
-        s, t = self._pair(si, ti)
-        rebuilt = self.generators[str(si)](self.s_layout.patches(s))
-        target = self.t_layout.patches(t)
-        return (rebuilt.float() - target.float()).pow(2).sum() / s.shape[0]
+        _, _, s_map, t_map = self._maps(si, ti)
+        rebuilt = self.generators[str(si)](s_map, tuple(t_map.shape[-2:]))
+        return (rebuilt.float() - t_map.float()).pow(2).sum() / s_map.shape[0]
 
 
 def teacher_input(data_spec: GraphSpec, mean: tuple | None, std: tuple | None,

@@ -74,7 +74,9 @@ class DistillPass(Pass):
         def objective(g: ModelGraph) -> DistillObjective:
             o = DistillObjective(losses, g.module, g.spec, teacher.module, t_spec,
                                  teacher_input(graph.spec, teacher.mean, teacher.std, size),
-                                 label_smoothing=cfg.label_smoothing, where="passes.distill")
+                                 label_smoothing=cfg.label_smoothing, where="passes.distill",
+                                 student_adapter=g.adapter,
+                                 teacher_adapter=teacher.graph.adapter if teacher.graph else None)
             layers.update(feature=o.feature_layers, mgd=o.mgd_layers)
             return o
 

@@ -135,7 +135,8 @@ class PrunePass(Pass):
             def objective(g: ModelGraph) -> DistillObjective:
                 return DistillObjective(r, g.module, g.spec, teacher.module, t_spec,
                                         teacher_input(g.spec, teacher.mean, teacher.std, size), r.label_smoothing,
-                                        where="passes.prune.recover")
+                                        where="passes.prune.recover", student_adapter=g.adapter,
+                                        teacher_adapter=teacher.graph.adapter if teacher.graph else None)
 
             self.metrics["recover"] = train_tuned(graph, objective, r, r.tuner, ctx, "recover")
             graph.module.cpu().eval()

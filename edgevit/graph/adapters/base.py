@@ -74,6 +74,12 @@ class Adapter(ABC):
         at ``blk.mlp.path`` and it has no layer scale or query/key norms."""
         return BlockBranches(mlp=module.get_submodule(blk.mlp.path))
 
+    def feature_map(self, output: torch.Tensor, blk: BlockSpec, spec: GraphSpec, batch: int) -> torch.Tensor:
+        """Block ``blk``'s output as a (B, C, h, w) map over its patch grid, so feature losses
+        can match blocks of any family (projected and resampled where grids differ). By default
+        the output is a (B, N, C) token sequence whose first tokens are the prefix tokens."""
+        return token_map(output, spec, batch)
+
     def keep_blocks(self, module: nn.Module, blocks: list[int]) -> None:
         """Drop every transformer block not in ``blocks`` and keep the module's own attributes
         true (the graph records the edit; the base recipe stays as built)."""
@@ -87,6 +93,26 @@ class Adapter(ABC):
     def export_mode(self, module: nn.Module) -> Iterator[None]:
         """Switch the module to operators every ONNX opset can express (e.g. unfused attention)."""
         yield
+
+
+def grid_of(tokens: int, img_size: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) patch grid of ``tokens`` patches over an image of ``img_size`` (same aspect)."""
+    import math
+
+    h = max(1, round(math.sqrt(tokens * img_size[0] / img_size[1])))
+    if tokens % h:
+        raise ValueError(f"{tokens} tokens do not form a grid of the image's aspect {img_size}")
+    return h, tokens // h
+
+
+def token_map(tokens: torch.Tensor, spec: GraphSpec, batch: int) -> torch.Tensor:
+    """(B, N, C) tokens with ``spec.num_prefix_tokens`` in front → (B, C, h, w) patch map."""
+    if tokens.dim() != 3 or tokens.shape[0] != batch:
+        raise ValueError(f"expected ({batch}, N, C) tokens, got {tuple(tokens.shape)}")
+    patches = tokens[:, spec.num_prefix_tokens:]
+    n = patches.shape[1]
+    h, w = spec.grid if n == spec.num_patches else grid_of(n, spec.img_size)
+    return patches.transpose(1, 2).reshape(batch, patches.shape[2], h, w)
 
 
 def slice_linear(

@@ -5,12 +5,14 @@ blocks' heads and MLP units are pruned; every conv is a fixed part and keeps its
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from edgevit.errors import EdgeVitError
-from edgevit.graph.adapters.base import Adapter, build_timm, is_identity, timm_mean_std
+from edgevit.graph.adapters.base import Adapter, build_timm, grid_of, is_identity, timm_mean_std
 from edgevit.graph.adapters.timm_vit import TimmViTAdapter
 from edgevit.graph.spec import AttentionSpec, BlockSpec, GraphSpec, MlpSpec
 from edgevit.graph.trace import complete
@@ -76,6 +78,18 @@ class TimmMobileViTAdapter(Adapter):
 
     after_keep_heads = TimmViTAdapter.after_keep_heads
     after_keep_mlp_units = TimmViTAdapter.after_keep_mlp_units
+
+    def feature_map(self, output: torch.Tensor, blk: BlockSpec, spec: GraphSpec, batch: int) -> torch.Tensor:
+        """A transformer block's (B·P, N, C) output folded back to the (B, C, H, W) map, as
+        MobileVitBlock folds it (P positions inside a square patch, N patches)."""
+        area = output.shape[0] // batch
+        ph = math.isqrt(area)
+        if ph * ph != area:
+            raise ValueError(f"{blk.path}: {area} positions per patch are not a square patch")
+        n, c = output.shape[1], output.shape[2]
+        nh, nw = grid_of(n, spec.img_size)
+        x = output.reshape(batch, area, n, c).transpose(1, 3).reshape(batch * c * nh, nw, ph, ph)
+        return x.transpose(1, 2).reshape(batch, c, nh * ph, nw * ph)
 
     def keep_blocks(self, module: nn.Module, blocks: list[int]) -> None:
         keep, i = set(blocks), 0

@@ -90,6 +90,10 @@ class _SwinBase(Adapter):
             attn.logit_scale = nn.Parameter(attn.logit_scale.detach().index_select(0, idx).clone())
             allow_fewer_heads(attn)
 
+    def feature_map(self, output: torch.Tensor, blk: BlockSpec, spec: GraphSpec, batch: int) -> torch.Tensor:
+        """Swin blocks read and write (B, H, W, C) maps."""
+        return output.permute(0, 3, 1, 2)
+
     def keep_blocks(self, module: nn.Module, blocks: list[int]) -> None:
         keep, i = set(blocks), 0
         kept_per_stage = []
