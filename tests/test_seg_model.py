@@ -179,6 +179,15 @@ def test_cost_matches_torch_flop_counter(seg: ModelGraph) -> None:
     assert [x.macs for x in cost.layers if x.name == "head.upsample"] == [0]
 
 
+def test_class_token_is_dropped_before_the_head() -> None:
+    g = segmenter(DECODERS["mla"], class_token=True)
+    assert g.spec.num_prefix_tokens == 1 and g.spec.blocks[0].tokens == 25 and g.spec.num_patches == 24
+    cost = g.cost(batch=2)
+    with g.export_mode() as module, FlopCounterMode(display=False) as counter, torch.no_grad():
+        assert module(X).shape == (2, 5, 32, 48)
+    assert cost.macs == counter.get_total_flops() // 2 and cost.params == g.num_params()
+
+
 def test_onnx_opset13_parses_on_tensorrt_8_2_and_matches_torch(seg: ModelGraph, tmp_path: Path) -> None:
     onnx = pytest.importorskip("onnx")
     from edgevit.deploy.tensorrt_ops import standard_op_types, unsupported
