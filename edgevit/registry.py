@@ -37,6 +37,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "timm_beit": "edgevit.graph.adapters.timm_beit:TimmBeitAdapter",
         "timm_eva": "edgevit.graph.adapters.timm_eva:TimmEvaAdapter",
         "timm_mobilevit": "edgevit.graph.adapters.timm_mobilevit:TimmMobileViTAdapter",
+        "segmenter": "edgevit.graph.adapters.segmenter:SegmenterAdapter",
     },
     # structural edits a ModelGraph records and replays on load (edgevit.graph.edits)
     "edits": {

@@ -127,10 +127,24 @@ def compute_cost(spec: GraphSpec, module: nn.Module, batch: int = 1, dtype_bytes
         add(f"{blk.path}.norms+residual", "elementwise", i, 0, b * n * d * (2 * LAYERNORM_FLOPS + 2), rest,
             2 * b * n * d, b * n * d)
 
+    dec = spec.decoder
+    if dec is not None:  # a decode head: its linears run on every patch token
+        p = spec.num_patches
+        for path in dec.projections:
+            linear(path, None, p, b * p * dec.width if path != dec.projections[0] else 0)  # + the sum
+        if dec.norm:
+            norm = module.get_submodule(dec.norm)
+            add(dec.norm, "elementwise", None, 0, b * p * dec.width * (LAYERNORM_FLOPS + GELU_FLOPS), _params(norm),
+                b * p * dec.width, b * p * dec.width)
+    rows = spec.num_patches if dec is not None else 1  # logits per image: one per patch, or one
     for path in spec.classifiers:
         head = module.get_submodule(path)
         width = head.in_features if isinstance(head, nn.Linear) else spec.embed_dim
-        add(path, "head", None, b * width * spec.num_classes, 0, _params(head), b * width, b * spec.num_classes)
+        add(path, "head", None, b * rows * width * spec.num_classes, 0, _params(head), b * rows * width,
+            b * rows * spec.num_classes)
+    if dec is not None:  # bilinear upsampling to the input: four taps per output pixel, no MACs
+        out = b * spec.num_classes * spec.img_size[0] * spec.img_size[1]
+        add(f"{dec.path}.upsample", "elementwise", None, 0, 7 * out, 0, b * rows * spec.num_classes, out)
 
     # what no row above owns: token and position embeddings, pooling
     last = spec.blocks[-1] if spec.blocks else None

@@ -122,6 +122,9 @@ class ModelGraph:
     def _attach_side(self, side: SideModule) -> None:
         if self.side is not None:
             raise EdgeVitError(f"a {self.side.kind} side module is attached already; one per model")
+        if self.spec.task == "segmentation":
+            raise EdgeVitError(f"tuner {side.kind}: its side module predicts one class per image; a segmenter's "
+                               "decode head reads the backbone's tokens itself; use tuner full or slicefine")
         if not self.spec.plain:
             raise EdgeVitError(f"tuner {side.kind}: its side module reads one token sequence of one width through "
                                f"every block; this {self.spec.family} model has stages of other widths or token "

@@ -11,7 +11,7 @@ with ``module.get_submodule(path)`` whatever the model family.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -24,9 +24,11 @@ MlpKind = Literal["gelu", "swiglu"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    paths: ClassVar[tuple[str, ...]] = ()  # the fields holding module paths (see prefix_paths)
 
 
 class AttentionSpec(_Strict):
+    paths = ("path", "qkv", "q", "k", "v", "proj", "bias_table", "cpb")
     path: str
     qkv: str | None = None  # fused q/k/v projection (timm), rows ordered [q | k | v]
     q: str | None = None  # separate projections (Hugging Face, built-in)
@@ -66,6 +68,7 @@ class AttentionSpec(_Strict):
 
 
 class MlpSpec(_Strict):
+    paths = ("path", "fc1", "fc2", "gate")
     path: str
     fc1: str  # the value rows (SwiGLU) or the hidden layer (GELU); fused SwiGLU: [value | gate] rows
     fc2: str
@@ -80,6 +83,7 @@ class MlpSpec(_Strict):
 
 
 class BlockSpec(_Strict):
+    paths = ("path", "norm1", "norm2")
     index: int
     path: str
     attn: AttentionSpec
@@ -95,6 +99,7 @@ class BlockSpec(_Strict):
 class FixedSpec(_Strict):
     """A part no edit changes (stem, patch merging, conv block, final norm), measured once."""
 
+    paths = ("path",)
     path: str
     module: str  # its class, e.g. PatchMerging, ConvNormAct, BottleneckBlock
     in_shape: list[int]  # per image, without the batch dimension
@@ -102,9 +107,37 @@ class FixedSpec(_Strict):
     macs: int  # multiply-accumulates per image (convolutions and linears inside it)
 
 
+class DecoderSpec(_Strict):
+    """A segmentation decode head: what it reads (the patch tokens after the ``taps`` blocks,
+    final norm applied) and its linears, so cost and edits see it like any other part."""
+
+    paths = ("path", "projections", "norm", "classifier")
+    kind: Literal["linear", "mla"]  # linear: one Linear per token (Segmenter); mla: multi-level (SETR-MLA)
+    path: str  # the head module
+    taps: list[int]  # block indices whose tokens it reads, ascending
+    projections: list[str] = []  # mla: one Linear(dim, width) per tap, summed
+    norm: str | None = None  # mla: the norm of the summed projections
+    classifier: str  # the linear that gives one logit per class per patch
+    width: int  # the features the classifier reads
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DecoderSpec:
+        if not self.taps or self.taps != sorted(set(self.taps)) or self.taps[0] < 0:
+            raise ValueError(f"decoder taps must be distinct ascending block indices, got {self.taps}")
+        if self.kind == "linear" and (len(self.taps) != 1 or self.projections or self.norm):
+            raise ValueError("a linear decoder reads one block and has no projections or norm")
+        if self.kind == "mla" and len(self.projections) != len(self.taps):
+            raise ValueError(f"an mla decoder needs one projection per tap: {len(self.taps)} taps, "
+                             f"{len(self.projections)} projections")
+        if self.width < 1:
+            raise ValueError("decoder width must be positive")
+        return self
+
+
 class GraphSpec(_Strict):
     """Everything a pass, the cost model or an exporter needs to know about the model's shape."""
 
+    paths = ("patch_embed", "classifiers")
     family: str  # the adapter that understands this model ("timm", "hf", "builtin")
     embed_dim: int
     img_size: tuple[int, int]
@@ -120,6 +153,16 @@ class GraphSpec(_Strict):
     blocks: list[BlockSpec]
     fixed: list[FixedSpec] = []  # the parts between blocks, in module order
     register_tokens: int = 0  # of the prefix tokens, how many are registers (no class meaning)
+    task: Literal["classification", "segmentation"] = "classification"
+    decoder: DecoderSpec | None = None  # segmentation: the decode head (classifiers: its final linear)
+
+    @model_validator(mode="after")
+    def _task_has_its_head(self) -> GraphSpec:
+        if (self.task == "segmentation") != (self.decoder is not None):
+            raise ValueError("a segmentation spec needs a decoder, and only a segmentation spec has one")
+        if self.decoder is not None and self.blocks and self.decoder.taps[-1] >= len(self.blocks):
+            raise ValueError(f"decoder taps {self.decoder.taps} beyond the {len(self.blocks)} blocks")
+        return self
 
     @property
     def plain(self) -> bool:
@@ -148,3 +191,21 @@ class GraphSpec(_Strict):
         if not 0 <= index < len(self.blocks):
             raise IndexError(f"block {index} out of range: the model has {len(self.blocks)} blocks")
         return self.blocks[index]
+
+
+def prefix_paths(spec: _Strict, prefix: str) -> Any:
+    """A copy of ``spec`` with every module path under ``prefix`` (e.g. ``backbone.``), so a
+    model nested inside another (a segmenter's backbone) keeps its own adapter's spec."""
+    update: dict[str, Any] = {}
+    for name in type(spec).model_fields:
+        value = getattr(spec, name)
+        if name in spec.paths:
+            if isinstance(value, str):
+                update[name] = prefix + value
+            elif isinstance(value, list):
+                update[name] = [prefix + v for v in value]
+        elif isinstance(value, _Strict):
+            update[name] = prefix_paths(value, prefix)
+        elif isinstance(value, list) and value and isinstance(value[0], _Strict):
+            update[name] = [prefix_paths(v, prefix) for v in value]
+    return spec.model_copy(update=update)

@@ -55,6 +55,8 @@ def complete(spec: GraphSpec, module: nn.Module, groups: Groups = token_groups) 
     """``spec`` with each block's width, tokens and attention groups filled in and the fixed parts
     listed; one forward at batch 1 in eval mode (the module's train/eval state is restored)."""
     taken = [b.path for b in spec.blocks] + list(spec.classifiers)
+    if spec.decoder is not None:  # a decode head is costed from its own spec (edgevit.graph.cost)
+        taken.append(spec.decoder.path)
     parts = fixed_paths(module, taken)
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     macs = dict.fromkeys(parts, 0)

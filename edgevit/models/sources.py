@@ -59,12 +59,45 @@ class BuiltinSource(_Source):
     checkpoint: Path | None = None
 
 
-ModelSource = Annotated[TimmSource | HFSource | SavedSource | BuiltinSource, Field(discriminator="source")]
+class DecoderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["linear", "mla"] = Field(description="linear: one Linear per patch token (Segmenter); "
+                                                        "mla: several blocks' tokens, projected and summed")
+    taps: list[int] | None = Field(None, description="mla: the blocks it reads (default 4 evenly spaced)")
+    width: int | None = Field(None, ge=1, description="mla: the width of its projections (default 64)")
+
+    @model_validator(mode="after")
+    def _linear_has_no_options(self) -> DecoderConfig:
+        if self.kind == "linear" and (self.taps is not None or self.width is not None):
+            raise ValueError("the linear decoder reads the last block and has no `taps` or `width`")
+        return self
+
+    def recipe(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
 
 
-def load_model(cfg: TimmSource | HFSource | SavedSource | BuiltinSource, registry: Any = None) -> ModelGraph:
+class SegmenterSource(_Source):
+    """A semantic segmentation model: a timm VisionTransformer backbone (under ``backbone.``) and a
+    decode head (under ``head.``), e.g. the reference CamVid teacher."""
+
+    source: Literal["segmenter"]
+    backbone: dict[str, Any] = Field(default_factory=dict, description="timm VisionTransformer kwargs "
+                                     "(num_classes 0 and global_pool '' unless given)")
+    decoder: DecoderConfig = Field(default_factory=lambda: DecoderConfig(kind="linear"))
+    num_classes: int = Field(ge=1)
+    checkpoint: Path | None = Field(None, description="weights in the reference layout: backbone.*, head.*")
+
+
+ModelSource = Annotated[TimmSource | HFSource | SavedSource | BuiltinSource | SegmenterSource,
+                        Field(discriminator="source")]
+AnySource = TimmSource | HFSource | SavedSource | BuiltinSource | SegmenterSource
+
+
+def load_model(cfg: AnySource, registry: Any = None) -> ModelGraph:
     if isinstance(cfg, SavedSource):
         return ModelGraph.load(cfg.path, registry)
+    if isinstance(cfg, SegmenterSource):
+        return _load_segmenter(cfg, registry)
     if isinstance(cfg, TimmSource):
         return _load_timm(cfg, registry)
     if isinstance(cfg, HFSource):
@@ -78,6 +111,23 @@ def load_model(cfg: TimmSource | HFSource | SavedSource | BuiltinSource, registr
     if cfg.checkpoint:
         apply_state_dict(module, read_state_dict(cfg.checkpoint), str(cfg.checkpoint))
     return ModelGraph.from_module(module.eval(), {"kwargs": cfg.kwargs}, mean=cfg.mean, std=cfg.std, registry=registry)
+
+
+def _load_segmenter(cfg: SegmenterSource, registry: Any) -> ModelGraph:
+    from edgevit.graph.adapters.segmenter import SegmenterAdapter
+
+    kwargs = {"num_classes": 0, "global_pool": "", **cfg.backbone}
+    build = {"backbone": {"family": "timm", "architecture": "VisionTransformer", "kwargs": kwargs},
+             "decoder": cfg.decoder.recipe(), "num_classes": cfg.num_classes}
+    try:
+        module = SegmenterAdapter().build(build)
+    except EdgeVitError:
+        raise
+    except (TypeError, ValueError, AssertionError) as e:
+        raise EdgeVitError(f"model.backbone: timm could not build the VisionTransformer: {e}") from e
+    if cfg.checkpoint:
+        apply_state_dict(module, read_state_dict(cfg.checkpoint), str(cfg.checkpoint))
+    return ModelGraph.from_module(module.eval(), build, mean=cfg.mean, std=cfg.std, registry=registry)
 
 
 def _load_timm(cfg: TimmSource, registry: Any) -> ModelGraph:
@@ -129,7 +179,7 @@ class LoadedTeacher:
     std: tuple[float, float, float] | None
 
 
-def load_teacher(cfg: TimmSource | HFSource | SavedSource | BuiltinSource, registry: Any = None,
+def load_teacher(cfg: AnySource, registry: Any = None,
                  where: str = "teacher") -> LoadedTeacher:
     """Like :func:`load_model`, but a timm model that is not a ViT (a CNN) is accepted too."""
     if isinstance(cfg, TimmSource):

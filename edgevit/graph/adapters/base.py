@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from edgevit.errors import EdgeVitError
 from edgevit.graph.spec import AttentionSpec, BlockSpec, GraphSpec, MlpSpec
 
 Branch = Callable[[torch.Tensor], torch.Tensor]
@@ -84,6 +85,17 @@ class Adapter(ABC):
         """Drop every transformer block not in ``blocks`` and keep the module's own attributes
         true (the graph records the edit; the base recipe stays as built)."""
         raise NotImplementedError(f"{self.name} models cannot drop blocks")
+
+    def describe_backbone(self, module: nn.Module, mean: Any = None, std: Any = None) -> GraphSpec:
+        """The spec of ``module`` as a dense-prediction backbone: its tokens are read after the
+        blocks (:meth:`patch_tokens`), no pooling, no classifier. Plain ViTs only, for now."""
+        raise EdgeVitError(f"model.backbone: a segmenter needs a plain ViT backbone (one token grid through "
+                           f"every block); {self.supports} is not supported as one; use a timm VisionTransformer")
+
+    def patch_tokens(self, module: nn.Module, images: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
+        """The patch tokens (B, N, D) after each of ``blocks`` with the final norm applied and the
+        prefix tokens dropped: what a decode head reads (see :meth:`describe_backbone`)."""
+        raise EdgeVitError(f"{self.name} models cannot be a segmenter backbone")
 
     def reset_classifier(self, module: nn.Module, num_classes: int) -> None:
         """Replace the classifier head(s) with fresh ones for ``num_classes``."""
@@ -182,8 +194,6 @@ def build_timm(recipe: dict[str, Any], classes: dict[str, Any]) -> nn.Module:
     """A timm model from ``{name | architecture, kwargs}``: a registered name (never pretrained
     here: weights come from the saved file) or one of ``classes`` built with its kwargs."""
     import timm
-
-    from edgevit.errors import EdgeVitError
 
     kwargs = dict(recipe.get("kwargs") or {})
     if recipe.get("name"):

@@ -43,15 +43,30 @@ class TimmViTAdapter(Adapter):
         return isinstance(module, VisionTransformer)
 
     def describe(self, module: nn.Module, mean: Any = None, std: Any = None) -> GraphSpec:
+        if module.global_pool not in ("token", "avg"):
+            raise EdgeVitError(
+                f"model: {type(module).__name__} with global_pool={module.global_pool!r} is not supported; "
+                "use global_pool 'token' or 'avg'"
+            )
+        return self._describe(module, mean, std)
+
+    def describe_backbone(self, module: nn.Module, mean: Any = None, std: Any = None) -> GraphSpec:
+        from timm.models.deit import VisionTransformerDistilled
+
+        if isinstance(module, VisionTransformerDistilled) or not isinstance(module.head, nn.Identity):
+            raise EdgeVitError(f"model.backbone: a segmenter's backbone has no classifier of its own; build the "
+                               f"{type(module).__name__} with num_classes=0")
+        return self._describe(module, mean, std).model_copy(update={"pool": "none", "classifiers": []})
+
+    def patch_tokens(self, module: nn.Module, images: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
+        return module.forward_intermediates(images, indices=blocks, norm=True, output_fmt="NLC",
+                                            intermediates_only=True)
+
+    def _describe(self, module: nn.Module, mean: Any, std: Any) -> GraphSpec:
         from timm.layers import Attention, Mlp
         from timm.models.deit import VisionTransformerDistilled
 
         what = type(module).__name__
-        if module.global_pool not in ("token", "avg"):
-            raise EdgeVitError(
-                f"model: {what} with global_pool={module.global_pool!r} is not supported; "
-                "use global_pool 'token' or 'avg'"
-            )
         blocks = []
         for i, blk in enumerate(module.blocks):
             attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
