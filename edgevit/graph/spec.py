@@ -120,6 +120,7 @@ class GraphSpec(_Strict):
     blocks: list[BlockSpec]
     fixed: list[FixedSpec] = []  # the parts between blocks, in module order
     register_tokens: int = 0  # of the prefix tokens, how many are registers (no class meaning)
+    task: Literal["classification", "segmentation"] = "classification"
 
     @property
     def plain(self) -> bool:
