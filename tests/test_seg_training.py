@@ -355,3 +355,21 @@ def test_distill_refuses_teacher_logits_of_other_classes() -> None:
     with pytest.raises(EdgeVitError, match="same classes"):
         _distill("kl", student, TinySegmenter(num_classes=3))(student, torch.randn(1, 3, *INPUT),
                                                                torch.zeros(1, *INPUT, dtype=torch.long))
+
+
+def test_taylor_scores_differentiate_the_task_loss() -> None:
+    """Taylor pruning takes its loss from the task (per-pixel for segmentation): the scores are
+    the squared first-order terms of whatever loss it is given."""
+    from edgevit.graph import ModelGraph
+    from edgevit.prune.importance import taylor_scores
+    from tests.conftest import _timm_vit
+
+    module, build = _timm_vit()
+    g = ModelGraph.from_module(module.eval(), build)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+    cpu = torch.device("cpu")
+    default = taylor_scores(g, x, y, None, cpu)[0][0]
+    ce = task_loss(_Data("classification", 5))
+    assert torch.allclose(taylor_scores(g, x, y, None, cpu, loss_fn=ce)[0][0], default)
+    doubled = taylor_scores(g, x, y, None, cpu, loss_fn=lambda lg, t: 2 * ce(lg, t))[0][0]
+    assert torch.allclose(doubled, 4 * default, rtol=1e-4)
