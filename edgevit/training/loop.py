@@ -1,10 +1,10 @@
 """One training loop: AdamW, warm-up + cosine, clipping, AMP on CUDA, per-epoch checkpoints.
 
-What is optimised comes from an :class:`Objective` (cross-entropy for adapt; KD and feature
-losses for distill), which parameters train comes from the caller (the tuner). The loop
-checkpoints after every epoch under ``work_dir`` (as one unit: ``training/checkpoint.py``)
-and resumes from there, reseeding each
-epoch from (seed, epoch) so a resumed run matches an uninterrupted one.
+What is optimised comes from an :class:`Objective` (the task loss for adapt, ``training/task.py``;
+KD and feature losses for distill), what validation reports from the task (top-1 or mIoU),
+which parameters train from the caller (the tuner). The loop checkpoints after every epoch
+under ``work_dir`` (as one unit: ``training/checkpoint.py``) and resumes from there,
+reseeding each epoch from (seed, epoch) so a resumed run matches an uninterrupted one.
 """
 
 from __future__ import annotations
