@@ -78,7 +78,8 @@ def _loc(loc: tuple) -> str:
     return out
 
 
-_UNION_TAGS = {"timm", "hf", "edgevit", "builtin", "imagefolder", "digits", "npz"}  # discriminator values
+# discriminator values
+_UNION_TAGS = {"timm", "hf", "edgevit", "builtin", "imagefolder", "digits", "npz", "segmentation"}
 
 
 def _format_error(err: ValidationError, prefix: str, model: type[BaseModel] | None = None) -> str:
@@ -97,7 +98,7 @@ def _format_error(err: ValidationError, prefix: str, model: type[BaseModel] | No
 def resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Make the recipe's relative paths relative to the recipe file, not the shell's cwd
     (also model sources nested in pass configs, e.g. a distillation teacher's checkpoint)."""
-    for section, keys in (("model", ("checkpoint", "path")), ("data", ("train", "val", "path")),
+    for section, keys in (("model", ("checkpoint", "path")), ("data", ("train", "val", "test", "path")),
                           ("calibration", ("manifest",))):
         _resolve(data.get(section), keys, base)
     steps = data.get("passes")

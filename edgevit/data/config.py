@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Augment = Literal["none", "crop", "crop_flip"]
 
@@ -48,4 +48,51 @@ class NpzData(_DataBase):
     augment: Augment = "crop_flip"
 
 
-DataConfig = Annotated[ImageFolderData | DigitsData | NpzData, Field(discriminator="source")]
+class SegAugment(BaseModel):
+    """Training geometry applied to image and mask together (``seg/data.py`` JointTransform)."""
+
+    model_config = ConfigDict(extra="forbid")
+    scale: tuple[float, float] = Field((1.0, 1.5), description="random zoom-in range before the crop back to size")
+    flip: bool = True
+
+    @model_validator(mode="after")
+    def _range(self) -> SegAugment:
+        lo, hi = self.scale
+        if not 1.0 <= lo <= hi:
+            raise ValueError(f"scale {list(self.scale)}: need 1 <= low <= high (a zoom-in, then a crop to size)")
+        return self
+
+
+class SegmentationData(_DataBase):
+    """Paired ``images/`` + ``masks/`` folders per split, matched by file name.
+
+    ``preset: camvid`` gives the 11 CamVid classes with void (11) ignored and, when the split
+    folders are not given, reads ``~/.cache/edgevit/camvid/{train,val,test}`` (``edgevit data
+    unpack camvid``); otherwise give ``classes`` (and ``ignore_index``)."""
+
+    source: Literal["segmentation"]
+    train: Path | None = None
+    val: Path | None = None
+    test: Path | None = None
+    preset: Literal["camvid"] | None = None
+    classes: list[str] | None = Field(None, min_length=1, description="class names, label i = classes[i]")
+    ignore_index: int | None = Field(None, ge=0, description="label ignored in losses and metrics (default 255)")
+    batch_size: int = Field(8, ge=1)
+    eval_batch_size: int = Field(8, ge=1)
+    augment: SegAugment = Field(default_factory=SegAugment)
+    bad_images: Literal["error", "skip"] = Field(
+        "error", description="every pair is checked before any stage runs; an unreadable image or mask, a mask "
+        "of another size or with a label outside the classes is an error, or with skip left out and listed")
+
+    @model_validator(mode="after")
+    def _classes(self) -> SegmentationData:
+        if (self.preset is None) == (self.classes is None):
+            raise ValueError("give exactly one of `preset` (camvid) or `classes` (a list of class names)")
+        if self.preset is not None and self.ignore_index is not None:
+            raise ValueError(f"preset {self.preset} sets the ignore label; drop `ignore_index` or give `classes`")
+        if self.preset is None and (self.train is None or self.val is None):
+            raise ValueError("give the `train` and `val` folders (each with images/ and masks/)")
+        return self
+
+
+DataConfig = Annotated[ImageFolderData | DigitsData | NpzData | SegmentationData, Field(discriminator="source")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 if TYPE_CHECKING:
     from PIL import Image
 
-from edgevit.data.config import DigitsData, ImageFolderData, NpzData
+from edgevit.data.config import DigitsData, ImageFolderData, NpzData, SegmentationData
 from edgevit.errors import EdgeVitError
 from edgevit.graph.spec import GraphSpec
 
@@ -66,6 +67,9 @@ class TaskData:
     train_plain: Dataset | None = None  # the training images without augmentation (calibration)
     prep: dict | None = None  # img_size, mean, std the images are prepared with
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why): bad images left out
+    task: str = "classification"  # or "segmentation" (data/seg_data.py): picks the loss and the metric
+    ignore_index: int | None = None  # segmentation: the label losses and metrics skip
+    collate_fn: Callable | None = None  # how a batch is stacked (None: torch's default)
 
     def train_loader(self, seed: int, epoch: int, rank: int = 0, world: int = 1) -> DataLoader:
         """Shuffled deterministically by (seed, epoch), so a resumed run sees the same order.
@@ -76,17 +80,17 @@ class TaskData:
                                          seed=seed * 100_003, drop_last=drop_last)
             sampler.set_epoch(epoch)
             return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler,
-                              num_workers=self.num_workers, drop_last=drop_last)
+                              num_workers=self.num_workers, drop_last=drop_last, collate_fn=self.collate_fn)
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=g,
-                          num_workers=self.num_workers, drop_last=drop_last)
+                          num_workers=self.num_workers, drop_last=drop_last, collate_fn=self.collate_fn)
 
     def val_loader(self, batch_size: int | None = None, rank: int = 0, world: int = 1) -> DataLoader:
         """In order; with ``world`` > 1 rank r reads images r, r+world, ... (no padding, so
         summed counts are exact)."""
         ds = self.val if world == 1 else Subset(self.val, list(range(rank, len(self.val), world)))
         return DataLoader(ds, batch_size=batch_size or self.eval_batch_size, shuffle=False,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers, collate_fn=self.collate_fn)
 
     def sample_indices(self, n: int, seed: int, split: str = "val") -> list[int]:
         """``n`` indices of ``split``, class-stratified (round-robin over classes) and fixed by seed."""
@@ -245,11 +249,19 @@ def _check_array(x: np.ndarray, where: str, to_rgb: bool) -> np.ndarray:
     return x
 
 
-def build_data(cfg: ImageFolderData | DigitsData | NpzData, spec: GraphSpec, seed: int) -> TaskData:
+def build_data(cfg: ImageFolderData | DigitsData | NpzData | SegmentationData, spec: GraphSpec,
+               seed: int) -> TaskData:
     """Load and check the data set before any stage runs; image size and normalisation come
     from the model so the data always fits it."""
     if spec.in_chans != 3:
         raise EdgeVitError(f"model: expects {spec.in_chans} input channels; edgevit data sources give RGB")
+    if isinstance(cfg, SegmentationData):
+        from edgevit.data.seg_data import build_segmentation_data
+
+        return build_segmentation_data(cfg, spec, seed)
+    if spec.task != "classification":
+        raise EdgeVitError(f"data.source: {cfg.source} gives one label per image, but the model is a {spec.task} "
+                           "model; use data.source: segmentation (image and mask folders)")
     train_tf, val_tf = _transform(spec, cfg.augment, True), _transform(spec, cfg.augment, False)
     if isinstance(cfg, ImageFolderData):
         train = _image_folder(cfg.train, "data.train", train_tf, cfg.to_rgb)

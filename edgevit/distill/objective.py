@@ -19,6 +19,7 @@ from torch import nn
 from edgevit.distill.taps import FeatureTap
 from edgevit.errors import EdgeVitError
 from edgevit.graph.spec import GraphSpec
+from edgevit.seg.losses import pixel_kd_kl, pixel_kd_mse
 
 
 class LossConfig(BaseModel):
@@ -75,8 +76,18 @@ def logit_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(student.float(), teacher.float())
 
 
-def logit_distillation(cfg: LossConfig, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """The configured logit KD term (unweighted)."""
+def logit_distillation(cfg: LossConfig, student: torch.Tensor, teacher: torch.Tensor,
+                       valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The configured logit KD term (unweighted). Dense (B, C, H, W) logits distil per pixel
+    (``seg/losses.py``: the student upsampled to the teacher's size; ``valid`` (B, H, W) masks
+    ignored pixels out); one vector per image distils as a whole."""
+    if student.shape[1] != teacher.shape[1] or (student.ndim == 4) != (teacher.ndim == 4):
+        raise EdgeVitError(f"distill: the teacher gives logits {tuple(teacher.shape[1:])} per image and the student "
+                           f"{tuple(student.shape[1:])}; logit KD needs the same classes and both per image or both "
+                           "per pixel")
+    if student.ndim == 4:
+        s, t = student.float(), teacher.float()
+        return pixel_kd_mse(s, t, valid) if cfg.kd_loss == "mse" else pixel_kd_kl(s, t, cfg.temperature, valid)
     return logit_mse(student, teacher) if cfg.kd_loss == "mse" else kd_loss(student, teacher, cfg.temperature)
 
 
@@ -144,15 +155,19 @@ class DistillObjective:
         where: str = "distill",
         student_adapter: Any = None,
         teacher_adapter: Any = None,
+        task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         """``student_adapter`` / ``teacher_adapter`` (the graphs' adapters) turn block outputs into
-        patch maps (:meth:`Adapter.feature_map`); without one the output is read as a token sequence."""
+        patch maps (:meth:`Adapter.feature_map`); without one the output is read as a token sequence.
+        ``task_loss`` is the data's loss (``training/task.py``; default: cross-entropy with
+        ``label_smoothing``); when it has an ``ignore_index``, those pixels are out of the KD term too."""
         self.cfg = cfg
         self.teacher = teacher.eval()
         self._teacher_flags = [(p, p.requires_grad) for p in teacher.parameters()]
         teacher.requires_grad_(False)  # restored by close(): the caller's module is not changed for good
         self.teacher_input = teacher_input
-        self.ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.ce = task_loss or nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.ignore_index: int | None = getattr(task_loss, "ignore_index", None)
         self.projectors = nn.ModuleDict()
         self.generators = nn.ModuleDict()
         self.feature_layers: dict[int, int] = {}
@@ -229,7 +244,8 @@ class DistillObjective:
             if cfg.ce > 0:
                 terms["ce"] = cfg.ce * self.ce(logits, labels)
             if cfg.kd > 0:
-                terms["kd"] = cfg.kd * logit_distillation(cfg, logits, t_logits)
+                valid = labels != self.ignore_index if self.ignore_index is not None and labels.ndim == 3 else None
+                terms["kd"] = cfg.kd * logit_distillation(cfg, logits, t_logits, valid)
         if self.feature_layers:
             losses = [self._mimic(si, ti) for si, ti in self.feature_layers.items()]
             terms["feat"] = cfg.feature * torch.stack(losses).mean()

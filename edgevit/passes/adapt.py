@@ -7,12 +7,13 @@ from pydantic import Field
 from edgevit.context import RunContext
 from edgevit.graph import ModelGraph
 from edgevit.passes.base import Pass, PassConfig
-from edgevit.training.loop import CrossEntropyObjective, TrainConfig
+from edgevit.training.loop import TrainConfig
+from edgevit.training.task import SegLossConfig, TaskObjective, check_seg_loss, task_loss
 from edgevit.training.tuned import train_tuned
 from edgevit.tuners import FullConfig, TunerConfig
 
 
-class AdaptConfig(PassConfig, TrainConfig):
+class AdaptConfig(PassConfig, TrainConfig, SegLossConfig):
     tuner: TunerConfig = Field(
         default_factory=FullConfig, description="which parameters train: full | slicefine | losa | "
         "disentangled (a string, or a mapping with `name` and options)")
@@ -27,6 +28,10 @@ class AdaptPass(Pass):
     summary = "fine-tune (or train) the model on the task data with a tuner (full, slicefine, losa, disentangled)"
     distributed = True
 
+    @classmethod
+    def preflight(cls, config: PassConfig, ctx: RunContext, where: str) -> None:
+        check_seg_loss(config, ctx.data, where)  # type: ignore[arg-type]
+
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
         cfg: AdaptConfig = self.config  # type: ignore[assignment]
         classes = ctx.data.num_classes
@@ -34,8 +39,8 @@ class AdaptPass(Pass):
         if reset:
             ctx.console.print(f"  new classifier head: {graph.spec.num_classes} → {classes} classes")
             graph.reset_classifier(classes)
-        self.metrics = train_tuned(graph, lambda g: CrossEntropyObjective(cfg.label_smoothing), cfg, cfg.tuner,
-                                   ctx, "adapt")
+        loss = task_loss(ctx.data, cfg.label_smoothing, cfg, "passes.adapt")
+        self.metrics = train_tuned(graph, lambda g: TaskObjective(loss), cfg, cfg.tuner, ctx, "adapt")
         self.metrics["reset_head"] = reset
         graph.module.cpu().eval()
         return graph

@@ -18,6 +18,7 @@ from edgevit.graph import ModelGraph
 from edgevit.models.sources import LoadedTeacher, ModelSource, load_model, load_teacher
 from edgevit.passes.base import Pass, PassConfig
 from edgevit.training.loop import TrainConfig
+from edgevit.training.task import task_loss
 from edgevit.training.tuned import train_tuned
 from edgevit.tuners import FullConfig, TunerConfig
 
@@ -76,7 +77,8 @@ class DistillPass(Pass):
                                  teacher_input(graph.spec, teacher.mean, teacher.std, size),
                                  label_smoothing=cfg.label_smoothing, where="passes.distill",
                                  student_adapter=g.adapter,
-                                 teacher_adapter=teacher.graph.adapter if teacher.graph else None)
+                                 teacher_adapter=teacher.graph.adapter if teacher.graph else None,
+                                 task_loss=task_loss(ctx.data, cfg.label_smoothing))
             layers.update(feature=o.feature_layers, mgd=o.mgd_layers)
             return o
 

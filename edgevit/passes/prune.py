@@ -26,6 +26,7 @@ from edgevit.prune.importance import magnitude_scores, taylor_scores
 from edgevit.prune.plan import PlanConfig, global_counts, plan
 from edgevit.prune.reconstruct import HEAD_SIZES, UNIT_SIZES, SearchSizes, osscar_model
 from edgevit.training.loop import TrainConfig
+from edgevit.training.task import task_loss
 from edgevit.training.tuned import train_tuned
 from edgevit.tuners import FullConfig, TunerConfig
 
@@ -96,7 +97,8 @@ class PrunePass(Pass):
                                    unit_sizes=SearchSizes(cfg.greedy_step.mlp, cfg.swap_size.mlp))
         else:
             scores = (magnitude_scores(graph) if cfg.method == "magnitude"
-                      else taylor_scores(graph, images, labels, None, ctx.device, cfg.batch_size))
+                      else taylor_scores(graph, images, labels, None, ctx.device, cfg.batch_size,
+                                         loss_fn=task_loss(ctx.data)))
             if cfg.allocation == "global":
                 counts = global_counts(graph, cfg, scores, cfg.heads, cfg.mlp)
             for blk, (nh, nu), (hs, us) in zip(list(graph.spec.blocks), counts, scores, strict=True):
@@ -136,7 +138,8 @@ class PrunePass(Pass):
                 return DistillObjective(r, g.module, g.spec, teacher.module, t_spec,
                                         teacher_input(g.spec, teacher.mean, teacher.std, size), r.label_smoothing,
                                         where="passes.prune.recover", student_adapter=g.adapter,
-                                        teacher_adapter=teacher.graph.adapter if teacher.graph else None)
+                                        teacher_adapter=teacher.graph.adapter if teacher.graph else None,
+                                        task_loss=task_loss(ctx.data, r.label_smoothing))
 
             self.metrics["recover"] = train_tuned(graph, objective, r, r.tuner, ctx, "recover")
             graph.module.cpu().eval()

@@ -110,6 +110,7 @@ class JointTransform:
     train: bool
     scale: tuple[float, float] = (1.0, 1.5)
     flip: bool = True
+    mask_at_size: bool = False  # evaluation: mask resized to ``size`` too (calibration batches stack)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
@@ -126,6 +127,8 @@ class JointTransform:
                 x, y = x.flip(-1), y.flip(-1)
         else:
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+            if self.mask_at_size:
+                y = F.interpolate(y, size=(h, w), mode="nearest-exact")
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return ((x - mean) / std)[0], y[0, 0].long()

@@ -1,10 +1,10 @@
 """One training loop: AdamW, warm-up + cosine, clipping, AMP on CUDA, per-epoch checkpoints.
 
-What is optimised comes from an :class:`Objective` (cross-entropy for adapt; KD and feature
-losses for distill), which parameters train comes from the caller (the tuner). The loop
-checkpoints after every epoch under ``work_dir`` (as one unit: ``training/checkpoint.py``)
-and resumes from there, reseeding each
-epoch from (seed, epoch) so a resumed run matches an uninterrupted one.
+What is optimised comes from an :class:`Objective` (the task loss for adapt, ``training/task.py``;
+KD and feature losses for distill), what validation reports from the task (top-1 or mIoU),
+which parameters train from the caller (the tuner). The loop checkpoints after every epoch
+under ``work_dir`` (as one unit: ``training/checkpoint.py``) and resumes from there,
+reseeding each epoch from (seed, epoch) so a resumed run matches an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 from edgevit.context import RunContext
 from edgevit.training import distributed
 from edgevit.training.checkpoint import load_checkpoint, save_checkpoint
-from edgevit.training.evaluate import count_correct
+from edgevit.training.task import metric_name, task_counts, task_scores
 
 
 class TrainConfig(BaseModel):
@@ -49,6 +49,8 @@ class Objective(Protocol):
 
 
 class CrossEntropyObjective:
+    """Classification cross-entropy (``training/task.py`` has the task-aware objective)."""
+
     def __init__(self, label_smoothing: float) -> None:
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
@@ -125,7 +127,8 @@ def train(
     description: str = "train",
     hooks: Any = None,
 ) -> dict[str, Any]:
-    """Train in place; return metrics (per-epoch log, final val top-1, seconds).
+    """Train in place; return metrics (per-epoch log, the final validation metric, seconds): top-1,
+    or for segmentation mIoU with pixel accuracy and per-class IoU (``training/task.py``).
 
     Under torchrun the step runs in DistributedDataParallel, each rank on its shard of the
     data; rank 0 alone writes checkpoints, and every rank ends with the same weights."""
@@ -136,6 +139,9 @@ def train(
     if hooks is not None:  # a tuner's per-step schedule (SliceFine moves its slices)
         hooks.start(start_epoch * t.steps_per_epoch)
     val_loader = ctx.data.val_loader(rank=env.rank, world=env.world)
+    metric = metric_name(ctx.data.task)
+    key = f"val_{metric}"  # val_top1, or val_miou for segmentation
+    scores: dict[str, Any] = {}
     with ctx.progress() as progress:
         task = progress.add_task(description, total=cfg.epochs * t.steps_per_epoch,
                                  completed=start_epoch * t.steps_per_epoch, info="")
@@ -143,23 +149,34 @@ def train(
             t0 = time.perf_counter()
             sums, n = _train_epoch(t, cfg, ctx, epoch, hooks,
                                    lambda info: progress.update(task, advance=1, info=info))
-            correct, total = env.sum(list(count_correct(model, val_loader, ctx.device)), ctx.device)
-            top1 = 100.0 * correct / max(total, 1)
+            scores = _validate(model, val_loader, ctx, env)
             seconds += time.perf_counter() - t0
-            entry = {"epoch": epoch + 1, "val_top1": round(top1, 2), "seconds": round(time.perf_counter() - t0, 2)}
+            entry = {"epoch": epoch + 1, key: round(scores[metric], 2), "seconds": round(time.perf_counter() - t0, 2)}
+            if "pixel_accuracy" in scores:
+                entry["val_pixel_accuracy"] = round(scores["pixel_accuracy"], 2)
             entry.update({k: round(v / max(n, 1), 4) for k, v in sums.items()})
             log.append(entry)
-            progress.update(task, info=f"epoch {epoch + 1}/{cfg.epochs} val_top1={top1:.2f}%")
+            progress.update(task, info=f"epoch {epoch + 1}/{cfg.epochs} {key}={scores[metric]:.2f}%")
             if not ctx.console.is_terminal:
                 shown = ", ".join(f"{k}={v}" for k, v in entry.items() if k != "epoch")
                 ctx.console.print(f"  {description} epoch {epoch + 1}/{cfg.epochs}: {shown}")
             if env.is_main:
                 _save_checkpoint(ckpt, model, t.extra, t.optimizer, t.scheduler, epoch, log, seconds)
             env.barrier()
-    out = {"epochs": cfg.epochs, "val_top1": log[-1]["val_top1"], "train_seconds": round(seconds, 2), "log": log}
+    out = {"epochs": cfg.epochs, key: log[-1][key], "train_seconds": round(seconds, 2), "log": log}
+    if "iou" in scores:  # segmentation: per-class IoU of the last epoch (None: class absent from val)
+        out["val_pixel_accuracy"] = log[-1]["val_pixel_accuracy"]
+        out["val_iou"] = {c: None if v is None else round(v, 2) for c, v in scores["iou"].items()}
     if env.enabled:
         out.update(world_size=env.world, ranks_in_sync=distributed.params_in_sync(model, env))
     return out
+
+
+def _validate(model: nn.Module, loader: Any, ctx: RunContext, env: distributed.DistEnv) -> dict[str, Any]:
+    """The task's validation metrics, summed over ranks before they are computed."""
+    d = ctx.data
+    counts = env.sum(task_counts(model, loader, d.task, d.num_classes, d.ignore_index, ctx.device), ctx.device)
+    return task_scores(counts, d.task, d.class_names)
 
 
 def _build_trainer(model: nn.Module, objective: Objective, cfg: TrainConfig, ctx: RunContext,
