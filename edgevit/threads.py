@@ -53,17 +53,28 @@ def physical_cores() -> int:
 
 
 def _cpu_times() -> tuple[int, int] | None:
-    """(busy, total) jiffies of all CPUs from /proc/stat; I/O wait counts as idle."""
+    """(busy, total) jiffies of all CPUs from /proc/stat (see :func:`parse_cpu_line`)."""
     try:
         with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
+            return parse_cpu_line(f.readline())
+    except OSError:
+        return None
+
+
+def parse_cpu_line(line: str) -> tuple[int, int] | None:
+    """(busy, total) jiffies of /proc/stat's ``cpu`` line. I/O wait counts as idle, and so does
+    work at a lower priority (``nice``): the scheduler gives this run's threads its core."""
+    parts = line.split()
+    if not parts or parts[0] != "cpu":
+        return None
+    try:
+        fields = [int(v) for v in parts[1:9]]
+    except ValueError:
         return None
     if len(fields) < 5:
         return None
-    idle = fields[3] + fields[4]  # idle + iowait
-    total = sum(fields[:8])  # guest time is already inside user
-    return total - idle, total
+    free = fields[1] + fields[3] + fields[4]  # nice, idle, iowait; guest time is inside user already
+    return sum(fields) - free, sum(fields)
 
 
 def busy_cores(sample_s: float = 0.2) -> tuple[float, str]:

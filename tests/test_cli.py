@@ -240,6 +240,9 @@ def test_busy_cores_reads_cpu_time_not_io_wait(monkeypatch: pytest.MonkeyPatch) 
     assert threads.busy_cores(0.0) == (3.0, "busy now")
     monkeypatch.setattr(threads, "_cpu_times", lambda: None)
     assert threads.busy_cores(0.0) == (0.9, "load average")
+    # user nice system idle iowait irq softirq steal: niced work and I/O wait leave the core to us
+    assert threads.parse_cpu_line("cpu  100 900 50 400 300 5 5 0 0 0") == (160, 1760)
+    assert threads.parse_cpu_line("intr 1 2 3") is None
     monkeypatch.undo()
     if Path("/proc/stat").exists():
         real = threads._cpu_times()
