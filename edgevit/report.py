@@ -238,6 +238,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     out += ["", dash_note(report)]
+    if report.get("task") == "segmentation":
+        from edgevit.report_seg import teacher_note
+
+        out += [note] if (note := teacher_note(report)) else []
     device_rows = prediction_rows(report)
     if device_rows:
         p_head, p_rows = device_rows

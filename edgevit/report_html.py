@@ -83,11 +83,16 @@ def _caption(name: str, report: dict[str, Any]) -> str:
     return "Per-block cost of the model before and after pruning (MFLOPs per image)."
 
 
+# overlays are at the masks' resolution (small masks make small PNGs): drawn page-wide, pixels kept sharp
+OVERLAY_STYLE = "width:100%;image-rendering:pixelated"
+
+
 def _seg_parts(report: dict[str, Any], run_dir: Path) -> list[str]:
     """Per-class IoU of the first and last stage, and the overlays (segmentation runs)."""
-    from edgevit.report_seg import class_iou_rows, overlay_caption
+    from edgevit.report_seg import class_iou_rows, overlay_caption, teacher_note
 
-    parts = []
+    note = teacher_note(report)
+    parts = [f'<p class="sub">{html.escape(note)}</p>'] if note else []
     rows = class_iou_rows(report)
     if rows:
         head, body = rows
@@ -98,7 +103,8 @@ def _seg_parts(report: dict[str, Any], run_dir: Path) -> list[str]:
         parts.append("<h2>Overlays</h2>")
         for f in ov["frames"]:
             if (run_dir / f["file"]).is_file():
-                parts.append(f"<figure>{_image(run_dir, f['file'])}<figcaption>{html.escape(f['frame'])}: "
+                img = _image(run_dir, f["file"]).replace("<img ", f'<img style="{OVERLAY_STYLE}" ', 1)
+                parts.append(f"<figure>{img}<figcaption>{html.escape(f['frame'])}: "
                              f"{html.escape(overlay_caption(ov))}</figcaption></figure>")
         if ov.get("legend") and (run_dir / ov["legend"]).is_file():
             parts.append(f"<figure>{_image(run_dir, ov['legend'])}<figcaption>class colours</figcaption></figure>")

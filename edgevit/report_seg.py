@@ -1,8 +1,9 @@
 """The report's segmentation parts: the mIoU table, per-class IoU, and the overlay pictures.
 
 A segmentation run's report shows mIoU where a classification run shows top-1 (the same
-cells otherwise, ``report.host_cells``), each stage's mIoU also as a percentage of the first
-stage's (the input model: what compression kept of it), pixel accuracy, and a per-class IoU
+cells otherwise, ``report.host_cells``), each stage's mIoU also as a percentage of the
+teacher's (what compression kept of it; the teacher is the one the passes learn from, the
+latest ``adapt`` stage, else the input model), pixel accuracy, and a per-class IoU
 table of the first and last stage. The overlays were drawn by the benchmark pass (it had the
 images and predictions); the report copies them into ``plots/`` and only references them.
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 from edgevit.report import DASH, HOST_COLUMNS, fmt, host_cells
 
-SEG_COLUMNS = ["stage", "mIoU %", "of first %", "pixel acc %", *HOST_COLUMNS[2:]]
+SEG_COLUMNS = ["stage", "mIoU %", "of teacher %", "pixel acc %", *HOST_COLUMNS[2:]]
 
 
 def relative(value: float | None, first: float | None) -> float | None:
@@ -25,19 +26,31 @@ def relative(value: float | None, first: float | None) -> float | None:
     return 100.0 * value / first
 
 
-def seg_cells(s: dict[str, Any], first_miou: float | None) -> list[str]:
-    return [s["stage"], fmt(s.get("miou"), ".2f"), fmt(relative(s.get("miou"), first_miou), ".1f"),
+def seg_cells(s: dict[str, Any], teacher_miou: float | None) -> list[str]:
+    return [s["stage"], fmt(s.get("miou"), ".2f"), fmt(relative(s.get("miou"), teacher_miou), ".1f"),
             fmt(s.get("pixel_accuracy"), ".2f"), *host_cells(s)[2:]]
 
 
-def first_miou(report: dict[str, Any]) -> float | None:
-    """The mIoU everything is set against: the first stage that has one."""
-    return next((s["miou"] for s in report["stages"] if s.get("miou") is not None), None)
+def teacher_stage(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The stage everything is set against, as ``RunContext.teacher`` picks it: the latest
+    ``adapt`` stage with an mIoU, else the first stage with one (the input model). An untrained
+    input at chance level would make every later figure thousands of per cent."""
+    scored = [s for s in report["stages"] if s.get("miou") is not None]
+    adapted = [s for s in scored if s.get("name") == "adapt"]
+    return adapted[-1] if adapted else (scored[0] if scored else None)
+
+
+def teacher_note(report: dict[str, Any]) -> str | None:
+    t = teacher_stage(report)
+    if t is None:
+        return None
+    return (f"of teacher %: a stage's mIoU as a percentage of {t['stage']}'s ({t['miou']:.2f} %), the model the "
+            "passes learn from (the latest adapt stage, else the input model).")
 
 
 def seg_table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    first = first_miou(report)
-    return list(SEG_COLUMNS), [seg_cells(s, first) for s in report["stages"]]
+    t = teacher_stage(report)
+    return list(SEG_COLUMNS), [seg_cells(s, t["miou"] if t else None) for s in report["stages"]]
 
 
 def class_iou_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:

@@ -144,9 +144,11 @@ def test_markdown_and_html_show_miou_and_the_per_class_table(seg_run: Path) -> N
     md = (seg_run / "report.md").read_text()
     head = next(ln for ln in md.splitlines() if ln.startswith("| stage"))
     cols = [c.strip() for c in head.strip("|").split("|")]
-    assert cols[:4] == ["stage", "mIoU %", "of first %", "pixel acc %"] and "top-1 %" not in cols
-    first, last = rep["stages"][0], rep["stages"][-1]
-    assert f"| {last['stage']} | {last['miou']:.2f} | {100 * last['miou'] / first['miou']:.1f} |" in md
+    assert cols[:4] == ["stage", "mIoU %", "of teacher %", "pixel acc %"] and "top-1 %" not in cols
+    first, teacher, last = rep["stages"][0], rep["stages"][1], rep["stages"][-1]
+    assert teacher["stage"] == "01-adapt"  # the latest adapt stage: the untrained source is not the yardstick
+    assert f"| {last['stage']} | {last['miou']:.2f} | {100 * last['miou'] / teacher['miou']:.1f} |" in md
+    assert f"percentage of 01-adapt's ({teacher['miou']:.2f} %)" in md
     assert "## Per-class IoU" in md
     assert f"| class | {first['stage']} IoU % | {last['stage']} IoU % | change |" in md
     for name in CLASSES:
@@ -195,3 +197,34 @@ def test_blend_and_palette() -> None:
 
     assert palette(list(PRESETS["camvid"].classes)) == CAMVID_COLOURS and CAMVID_COLOURS[3] == (128, 64, 128)
     assert len(set(palette([str(i) for i in range(20)]))) == 20
+
+
+def test_a_classification_report_has_none_of_the_segmentation_parts(tmp_path: Path) -> None:
+    from edgevit.report import HOST_COLUMNS, render_markdown, table_rows
+    from edgevit.report_html import render_html
+
+    stage = {"stage": "00-source", "name": "source", "top1": 75.0, "host_latency": {"median_ms": 1.0},
+             "iou": None, "miou": None}
+    report = {"schema_version": SCHEMA_VERSION, "run": "r", "task": "classification", "host": None,
+              "stages": [stage], "devices": [], "plots": {}, "overlays": None}
+    assert table_rows(report)[0] == HOST_COLUMNS and table_rows(report)[1][0][1] == "75.00"
+    md, page = render_markdown(report), render_html(report, tmp_path)
+    for text in ("mIoU", "Per-class IoU", "Overlays", "of teacher"):
+        assert text not in md and text not in page
+
+
+def test_the_accuracy_plot_is_in_miou(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgevit import report_plots
+
+    labels: list[str] = []
+    real = report_plots._save
+
+    def spy(plt, fig, out):  # noqa: ANN001, ANN202
+        labels.extend(ax.get_ylabel() for ax in fig.axes)
+        return real(plt, fig, out)
+
+    monkeypatch.setattr(report_plots, "_save", spy)
+    stages = [{"stage": n, "miou": m, "host_latency": {"median_ms": ms}, "predicted": None}
+              for n, m, ms in [("00-source", 61.0, 2.0), ("01-prune", 58.5, 1.2), ("02-export", 58.4, 0.9)]]
+    assert report_plots.accuracy_latency({"run": "s", "task": "segmentation", "stages": stages}, tmp_path / "p.png")
+    assert labels == ["mIoU %"]
