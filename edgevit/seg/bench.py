@@ -77,8 +77,9 @@ def frame_labels(predict: Predict, data: Any, indices: list[int]) -> list[np.nda
 def write_overlays(data: Any, indices: list[int], stages: list[tuple[str, list[np.ndarray]]],
                    out_dir: Path) -> dict[str, Any]:
     """One PNG per frame (ground truth, then each stage's prediction, side by side, at the
-    mask's resolution) and a legend PNG; returns what the report needs, paths relative to
-    ``out_dir``'s parent-free names (the caller places them)."""
+    mask's resolution) and a legend PNG into ``out_dir``; returns what the report needs, the
+    files by name within ``out_dir`` (the benchmark stage's directory is renamed when it
+    finishes, so no path is recorded)."""
     colours = overlay.palette(data.class_names)
     frames = []
     for k, i in enumerate(indices):
