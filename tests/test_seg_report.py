@@ -228,3 +228,18 @@ def test_the_accuracy_plot_is_in_miou(tmp_path: Path, monkeypatch: pytest.Monkey
               for n, m, ms in [("00-source", 61.0, 2.0), ("01-prune", 58.5, 1.2), ("02-export", 58.4, 0.9)]]
     assert report_plots.accuracy_latency({"run": "s", "task": "segmentation", "stages": stages}, tmp_path / "p.png")
     assert labels == ["mIoU %"]
+
+
+def test_the_cli_rebuilds_and_prints_the_miou_table(seg_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from tests.conftest import run_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(seg_run, run)
+    shutil.rmtree(run / "plots")  # rebuilt from the stage files: the overlays come back from the benchmark stage
+    res = run_cli("report", str(run))
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "mIoU %" in res.stdout and "of teacher %" in res.stdout and "top-1 %" not in res.stdout
+    assert sorted(p.name for p in (run / "plots").glob("overlay_*.png")) == ["overlay_0.png", "overlay_1.png",
+                                                                            "overlay_legend.png"]
