@@ -4,7 +4,10 @@ report.json is a versioned schema (``SCHEMA_VERSION``; the keys are ``REPORT_KEY
 ``STAGE_KEYS``, documented in docs/design.md). Version 2 renamed version 1's ``latency_ms``
 dict of a stage to ``host_latency`` (``median_ms``, ``p90_ms``, ``p99_ms``, ``spread_ms``,
 ``round_medians_ms``): ``latency_ms`` now only ever means one number of milliseconds (the
-device prediction's). ``read_report`` refuses a version newer than this code knows."""
+device prediction's). Version 3 added the run's ``task`` (classification | segmentation) and
+``overlays``; a segmentation stage has ``miou``, ``pixel_accuracy`` and ``iou`` (per class)
+where a classification stage has ``top1`` (``SEG_STAGE_KEYS``). ``read_report`` refuses a
+version newer than this code knows."""
 
 from __future__ import annotations
 
@@ -16,14 +19,28 @@ from edgevit.fileio import read_json, write_json, write_text
 
 DASH = "—"
 MEASURED_FORMAT = "edgevit.measured/1"  # what deploy/jetson/edgevit_jetson_bench.py writes
-SCHEMA_VERSION = 2
-REPORT_KEYS = ("schema_version", "run", "host", "stages", "comparisons", "devices", "plots")
+SCHEMA_VERSION = 3
+REPORT_KEYS = ("schema_version", "run", "task", "host", "stages", "comparisons", "devices", "plots", "overlays")
 STAGE_KEYS = ("stage", "name", "top1", "params", "macs", "flops", "size_bytes", "artifact", "host_latency",
               "throughput_ips", "throughput_batch", "peak_mem_mb", "model_mem_mb", "seconds", "predicted", "layers",
               "metrics")  # + "measured_on_device" once `edgevit report --measured` added a board's result
+SEG_STAGE_KEYS = tuple(k for key in STAGE_KEYS for k in (("miou", "pixel_accuracy", "iou") if key == "top1"
+                                                          else (key,)))
 
 
-def _stage_entry(run_dir: Path, st: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
+def accuracy_of(m: dict[str, Any], task: str) -> dict[str, Any]:
+    """A stage's accuracy keys for the task: ``top1``, or ``miou``, ``pixel_accuracy``, ``iou``."""
+    if task == "segmentation":
+        return {"miou": m.get("miou"), "pixel_accuracy": m.get("pixel_accuracy"), "iou": m.get("iou")}
+    return {"top1": m.get("top1")}
+
+
+def metric_of(report: dict[str, Any]) -> tuple[str, str]:
+    """The headline accuracy's key and label: ("top1", "top-1 %") or ("miou", "mIoU %")."""
+    return ("miou", "mIoU %") if report.get("task") == "segmentation" else ("top1", "top-1 %")
+
+
+def _stage_entry(run_dir: Path, st: dict[str, Any], measured: dict[str, Any], task: str) -> dict[str, Any]:
     d = run_dir / st["dir"]
     graph = read_json(d / "graph.json")
     metrics = read_json(d / "metrics.json") if (d / "metrics.json").is_file() else {}
@@ -34,7 +51,7 @@ def _stage_entry(run_dir: Path, st: dict[str, Any], measured: dict[str, Any]) ->
     return {
         "stage": st["dir"],
         "name": st["name"],
-        "top1": m.get("top1"),
+        **accuracy_of(m, task),
         "params": model.get("params", graph.get("params")),
         "macs": model.get("macs"),
         "flops": model.get("flops"),
@@ -57,24 +74,37 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     manifest = read_json(run_dir / "manifest.json")
     measured: dict[str, Any] = {}
-    host, comparisons = None, []
+    host, comparisons, bench_dir, b = None, [], None, {}
     for st in manifest["stages"]:  # the latest benchmark stage's measurements win
         bench = run_dir / st["dir"] / "benchmark.json"
         if bench.is_file():
             b = read_json(bench)
-            host, comparisons = b.get("host"), b.get("comparisons", [])
+            host, comparisons, bench_dir = b.get("host"), b.get("comparisons", []), bench.parent
             measured = {x["stage"]: x for x in b["stages"]}
-    stages = [_stage_entry(run_dir, st, measured) for st in manifest["stages"] if st["name"] != "benchmark"]
+    task = b.get("task") or _graph_task(run_dir, manifest)
+    stages = [_stage_entry(run_dir, st, measured, task) for st in manifest["stages"] if st["name"] != "benchmark"]
     devices = _attach_device_measurements(run_dir, stages)
-    report = {"schema_version": SCHEMA_VERSION, "run": manifest["recipe"], "host": host, "stages": stages,
-              "comparisons": comparisons, "devices": devices}
+    report = {"schema_version": SCHEMA_VERSION, "run": manifest["recipe"], "task": task, "host": host,
+              "stages": stages, "comparisons": comparisons, "devices": devices}
     report["plots"] = _plots(run_dir, report)
+    from edgevit.report_seg import collect_overlays
+
+    report["overlays"] = collect_overlays(run_dir, bench_dir, b.get("overlays")) if bench_dir else None
     write_json(run_dir / "report.json", report)
     write_text(run_dir / "report.md", render_markdown(report))
     from edgevit.report_html import render_html
 
     write_text(run_dir / "report.html", render_html(report, run_dir))
     return report
+
+
+def _graph_task(run_dir: Path, manifest: dict[str, Any]) -> str:
+    """The model's task when no benchmark stage recorded it: the first stage's spec says."""
+    for st in manifest["stages"]:
+        path = run_dir / st["dir"] / "graph.json"
+        if path.is_file():
+            return read_json(path).get("spec", {}).get("task", "classification")
+    return "classification"
 
 
 def _plots(run_dir: Path, report: dict[str, Any]) -> dict[str, str]:
@@ -155,6 +185,11 @@ def host_cells(s: dict[str, Any]) -> list[str]:
 
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The host table of the run's task (segmentation: ``report_seg.SEG_COLUMNS``)."""
+    if report.get("task") == "segmentation":
+        from edgevit.report_seg import seg_table_rows
+
+        return seg_table_rows(report)
     return list(HOST_COLUMNS), [host_cells(s) for s in report["stages"]]
 
 
@@ -203,6 +238,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     out += ["", dash_note(report)]
+    if report.get("task") == "segmentation":
+        from edgevit.report_seg import teacher_note
+
+        out += [note] if (note := teacher_note(report)) else []
     device_rows = prediction_rows(report)
     if device_rows:
         p_head, p_rows = device_rows
@@ -220,6 +259,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         out += ["", "## Stages", ""] + [f"- **{stage}**: {note}" for stage, note in notes]
     for name, path in (report.get("plots") or {}).items():
         out += ["", f"![{name}]({path})"]
+    if report.get("task") == "segmentation":
+        from edgevit.report_seg import markdown_sections
+
+        out += markdown_sections(report)
     return "\n".join(out) + "\n"
 
 
@@ -260,6 +303,13 @@ def prediction_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     return head, rows
 
 
+def _val(m: dict[str, Any]) -> str:
+    """A training stage's validation figure: its mIoU when it has one (segmentation), else top-1."""
+    if m.get("val_miou") is not None:
+        return f"{m['val_miou']:.2f}% val mIoU"
+    return f"{m.get('val_top1')}% val top-1"
+
+
 def stage_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
     """One sentence per stage that built something worth explaining (e.g. how a student was made)."""
     notes = []
@@ -273,13 +323,13 @@ def stage_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
         if "student" in m:
             ratio = m.get("flops_ratio")
             vs = f"; {ratio:.3f}× the teacher's FLOPs" if ratio is not None else ""
-            notes.append((s["stage"], f"student {m['student']}{vs}; trained to {m.get('val_top1')}% "
-                                      f"val top-1 in {m.get('epochs')} epochs"))
+            notes.append((s["stage"], f"student {m['student']}{vs}; trained to {_val(m)} in "
+                                      f"{m.get('epochs')} epochs"))
         if "flops_kept" in m and "method" in m:
             aim = m.get("aim") or {}
             goal = (f" (target: {aim['target_metric']} {aim['target_keep']})" if "target_metric" in aim else "")
             rec = m.get("recover")
-            after = f"; recovered to {rec['val_top1']}% val top-1 in {rec['epochs']} epochs" if rec else "; one-shot"
+            after = f"; recovered to {_val(rec)} in {rec['epochs']} epochs" if rec else "; one-shot"
             notes.append((s["stage"], f"{m['method']} pruning kept {m['flops_kept']:.3f} of the FLOPs and "
                                       f"{m['params_kept']:.3f} of the parameters{goal}; heads per block "
                                       f"{m['heads']}, MLP units {m['mlp_units']}{after}"))

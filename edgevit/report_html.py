@@ -9,14 +9,14 @@ from typing import Any
 
 from edgevit.report import (
     DASH,
-    HOST_COLUMNS,
     dash_note,
     device_median_ms,
     fmt,
-    host_cells,
     host_line,
     interval_text,
+    metric_of,
     stage_notes,
+    table_rows,
 )
 
 CSS = """
@@ -33,6 +33,9 @@ figcaption{color:#52606d;font-size:.85rem}ul{padding-left:1.2rem}li{margin:.25re
 """
 
 
+HOST_SPAN = 5  # p50, spread, p99, img/s, mem: the table's last columns, measured on the host
+
+
 def _cell(value: str, cls: str = "") -> str:
     return f'<td class="{cls}">{html.escape(value)}</td>' if cls else f"<td>{html.escape(value)}</td>"
 
@@ -40,9 +43,9 @@ def _cell(value: str, cls: str = "") -> str:
 def _rows(report: dict[str, Any]) -> tuple[list[str], list[str]]:
     measured = any(s.get("measured_on_device") for s in report["stages"])
     predicted = any(s.get("predicted") for s in report["stages"])
-    groups = ['<th colspan="5" class="group">model</th>',
-              f'<th colspan="{len(HOST_COLUMNS) - 5}" class="group">host</th>']
-    head = list(HOST_COLUMNS)  # the same columns as report.md and the CLI
+    head, host_rows = table_rows(report)  # the same columns as report.md and the CLI
+    groups = [f'<th colspan="{len(head) - HOST_SPAN}" class="group">model</th>',
+              f'<th colspan="{HOST_SPAN}" class="group">host</th>']
     if predicted:
         groups.append('<th colspan="4" class="group">device, predicted</th>')
         head += ["precision", "latency ms (interval)", "memory MB", "verdict"]
@@ -50,8 +53,8 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[str]]:
         groups.append('<th colspan="3" class="group">device, measured</th>')
         head += ["p50 ms", "top-1 %", "RAM MB"]
     rows = []
-    for s in report["stages"]:
-        cells = [_cell(c) for c in host_cells(s)]
+    for s, host in zip(report["stages"], host_rows, strict=True):
+        cells = [_cell(c) for c in host]
         if predicted:
             p = s.get("predicted") or {}
             verdict = p.get("verdict")
@@ -72,10 +75,40 @@ def _image(run_dir: Path, rel: str) -> str:
     return f'<img alt="{html.escape(rel)}" src="data:image/png;base64,{data}">'
 
 
-CAPTIONS = {
-    "accuracy_latency": "Each stage as a point on the path from the input model to the final one: top-1 against "
-                        "batch-1 latency on this machine and, when the recipe names a device, predicted there.",
-}
+def _caption(name: str, report: dict[str, Any]) -> str:
+    if name == "accuracy_latency":
+        metric = "mIoU" if metric_of(report)[0] == "miou" else "top-1"
+        return (f"Each stage as a point on the path from the input model to the final one: {metric} against "
+                "batch-1 latency on this machine and, when the recipe names a device, predicted there.")
+    return "Per-block cost of the model before and after pruning (MFLOPs per image)."
+
+
+# overlays are at the masks' resolution (small masks make small PNGs): drawn page-wide, pixels kept sharp
+OVERLAY_STYLE = "width:100%;image-rendering:pixelated"
+
+
+def _seg_parts(report: dict[str, Any], run_dir: Path) -> list[str]:
+    """Per-class IoU of the first and last stage, and the overlays (segmentation runs)."""
+    from edgevit.report_seg import class_iou_rows, overlay_caption, teacher_note
+
+    note = teacher_note(report)
+    parts = [f'<p class="sub">{html.escape(note)}</p>'] if note else []
+    rows = class_iou_rows(report)
+    if rows:
+        head, body = rows
+        parts += ["<h2>Per-class IoU</h2>", "<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+                  + "</tr>"] + ["<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in body] + ["</table>"]
+    ov = report.get("overlays")
+    if ov:
+        parts.append("<h2>Overlays</h2>")
+        for f in ov["frames"]:
+            if (run_dir / f["file"]).is_file():
+                img = _image(run_dir, f["file"]).replace("<img ", f'<img style="{OVERLAY_STYLE}" ', 1)
+                parts.append(f"<figure>{img}<figcaption>{html.escape(f['frame'])}: "
+                             f"{html.escape(overlay_caption(ov))}</figcaption></figure>")
+        if ov.get("legend") and (run_dir / ov["legend"]).is_file():
+            parts.append(f"<figure>{_image(run_dir, ov['legend'])}<figcaption>class colours</figcaption></figure>")
+    return parts
 
 
 def render_html(report: dict[str, Any], run_dir: Path) -> str:
@@ -95,8 +128,10 @@ def render_html(report: dict[str, Any], run_dir: Path) -> str:
         parts.append("<h2>Pictures</h2>")
         for name, rel in plots.items():
             if (run_dir / rel).is_file():
-                cap = CAPTIONS.get(name, "Per-block cost of the model before and after pruning (MFLOPs per image).")
+                cap = _caption(name, report)
                 parts.append(f"<figure>{_image(run_dir, rel)}<figcaption>{html.escape(cap)}</figcaption></figure>")
+    if report.get("task") == "segmentation":
+        parts += _seg_parts(report, run_dir)
     body = "\n".join(parts)
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
             f'content="width=device-width, initial-scale=1"><title>edgevit report: {html.escape(report["run"])}'

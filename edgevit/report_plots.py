@@ -65,11 +65,15 @@ def top1_limits(tops: list[float]) -> tuple[float, float] | None:
 
 
 def accuracy_latency(report: dict[str, Any], out: Path) -> Path | None:
-    """Top-1 against host latency (and predicted device latency), stages joined in run order."""
-    stages = [s for s in report["stages"] if s.get("top1") is not None]
-    host = [(s["stage"], (s.get("host_latency") or {}).get("median_ms"), s["top1"]) for s in stages]
+    """Top-1 (segmentation: mIoU) against host latency (and predicted device latency), stages
+    joined in run order."""
+    from edgevit.report import metric_of
+
+    key, label = metric_of(report)
+    stages = [s for s in report["stages"] if s.get(key) is not None]
+    host = [(s["stage"], (s.get("host_latency") or {}).get("median_ms"), s[key]) for s in stages]
     host = [h for h in host if h[1] is not None]
-    device = [(s["stage"], (s.get("predicted") or {}).get("latency_ms"), s["top1"]) for s in stages]
+    device = [(s["stage"], (s.get("predicted") or {}).get("latency_ms"), s[key]) for s in stages]
     device = [d for d in device if d[1] is not None]
     if not host:
         return None
@@ -98,7 +102,7 @@ def accuracy_latency(report: dict[str, Any], out: Path) -> Path | None:
         if limits is not None:
             ax.set_ylim(*limits)
         ax.set_xlabel(title)
-        ax.set_ylabel("top-1 %")
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.margins(x=0.15)
     fig.suptitle(f"{report['run']}: accuracy against latency, stage by stage")

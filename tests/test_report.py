@@ -41,7 +41,8 @@ def test_report_has_every_stage_pictures_and_a_self_contained_html(tiny_run: Pat
         assert text in page
     md = (tiny_run / "report.md").read_text()
     assert "![accuracy_latency](plots/accuracy_latency.png)" in md
-    assert rep["schema_version"] == 2 and set(rep) == set(REPORT_KEYS)
+    assert rep["schema_version"] == 3 and set(rep) == set(REPORT_KEYS)
+    assert rep["task"] == "classification" and rep["overlays"] is None
     for s in rep["stages"]:
         assert set(STAGE_KEYS) <= set(s) and "latency_ms" not in s
 
@@ -66,7 +67,7 @@ def test_report_reader_refuses_a_future_schema(tiny_run: Path, tmp_path: Path) -
     assert read_report(tiny_run / "report.json")["schema_version"] == SCHEMA_VERSION
     future = tmp_path / "report.json"
     future.write_text(json.dumps({"schema_version": SCHEMA_VERSION + 1, "stages": []}))
-    with pytest.raises(EdgeVitError, match=r"schema version 3; this edgevit reads up to 2: upgrade edgevit"):
+    with pytest.raises(EdgeVitError, match=r"schema version 4; this edgevit reads up to 3: upgrade edgevit"):
         read_report(future)
     old = tmp_path / "v1.json"
     old.write_text(json.dumps({"run": "r", "stages": []}))  # version 1 had no key

@@ -20,6 +20,7 @@ from edgevit.latency import time_interleaved
 from edgevit.onnx_io import export_onnx, session, top1
 from edgevit.passes.base import Pass, PassConfig
 from edgevit.predict.device import predict_onnx
+from edgevit.seg import bench as seg_bench
 from edgevit.training.evaluate import evaluate_top1
 
 
@@ -30,6 +31,8 @@ class BenchmarkConfig(PassConfig):
     throughput_batch: int = Field(32, ge=1)
     threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: the run's threads)")
     opset: int = Field(17, ge=11, le=21, description="opset for stages that have no ONNX of their own")
+    overlays: int = Field(3, ge=0, description="segmentation: validation frames drawn with the truth and the first "
+                                               "and last stages' predictions (plots/overlay_*.png)")
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -48,17 +51,21 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 class BenchmarkPass(Pass):
     name = "benchmark"
     Config = BenchmarkConfig
-    summary = ("top-1, host latency (median/p90/p99 over interleaved rounds, with their spread), throughput, "
-               "memory, size for every stage; predicted latency, memory and a verdict on the recipe's profile")
+    summary = ("top-1 (segmentation: mIoU, pixel accuracy, per-class IoU), host latency (median/p90/p99 over "
+               "interleaved rounds, with their spread), throughput, memory, size for every stage; predicted latency, "
+               "memory and a verdict on the recipe's profile")
     modifies_weights = False
 
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
         cfg: BenchmarkConfig = self.config  # type: ignore[assignment]
         results, paths = [], []
         val = ctx.data.val_loader()
+        seg = ctx.data.task == "segmentation"
+        frames = ctx.data.sample_indices(min(cfg.overlays, len(ctx.data.val)), ctx.seed) if seg else []
+        labels: list[list] = []  # per measured stage: its predicted label maps of ``frames``
         seen: set[Path] = set()
         with ctx.progress() as progress:
-            task = progress.add_task("benchmark: top-1", total=len(ctx.stages), info="")
+            task = progress.add_task(f"benchmark: {'mIoU' if seg else 'top-1'}", total=len(ctx.stages), info="")
             for stage in ctx.stages:
                 progress.update(task, info=stage.dir.name)
                 g = ModelGraph.load(stage.dir, ctx.registry)
@@ -69,16 +76,25 @@ class BenchmarkPass(Pass):
                 if onnx_path is not None:
                     seen.add(onnx_path)
                 if onnx_path is not None and onnx_path.is_file():
-                    acc, runtime = top1(session(onnx_path, cfg.threads), val), "onnxruntime"
+                    sess, runtime = session(onnx_path, cfg.threads), "onnxruntime"
+                    acc = seg_bench.onnx_scores(sess, val, ctx.data) if seg else top1(sess, val)
+                    predict = seg_bench.onnx_predict(sess)
                 else:
                     onnx_path = ctx.stage_dir / "onnx" / f"{stage.dir.name}.onnx"
                     opset = ctx.profile.export_opset(cfg.opset) if ctx.profile is not None else cfg.opset
                     export_onnx(g, onnx_path, opset=opset, dynamic_batch=True)
-                    acc, runtime = evaluate_top1(g.module, val, ctx.device), "torch"
+                    acc = (seg_bench.torch_scores(g.module, val, ctx.data, ctx.device) if seg
+                           else evaluate_top1(g.module, val, ctx.device))
+                    runtime, predict = "torch", seg_bench.torch_predict(g.module, ctx.device)
+                if seg:
+                    labels.append(seg_bench.frame_labels(predict, ctx.data, frames))
+                    scores = {**seg_bench.rounded(acc), "miou_runtime": runtime}
+                else:
+                    scores = {"top1": round(acc, 2), "top1_runtime": runtime}
                 cost = g.cost()
                 paths.append(onnx_path)
                 results.append({
-                    "stage": stage.dir.name, "top1": round(acc, 2), "top1_runtime": runtime,
+                    "stage": stage.dir.name, **scores,
                     "params": g.num_params(), "macs": cost.macs, "flops": cost.flops,
                     "onnx_bytes": onnx_path.stat().st_size,
                     "predicted": predict_onnx(onnx_path, ctx.profile) if ctx.profile is not None else None,
@@ -102,14 +118,22 @@ class BenchmarkPass(Pass):
             pred = r["predicted"]
             on = (f"; {pred['profile']} {pred['precision']}: {pred['latency_ms']} ms predicted, {pred['verdict']}"
                   if pred and pred.get("latency_ms") is not None else "")
-            ctx.console.print(f"  {r['stage']}: top-1 {r['top1']:.2f}%  median {lat.median_ms:.3f} ms "
+            acc_text = f"mIoU {r['miou']:.2f}%" if seg else f"top-1 {r['top1']:.2f}%"
+            ctx.console.print(f"  {r['stage']}: {acc_text}  median {lat.median_ms:.3f} ms "
                               f"(spread {lat.spread_ms:.3f} ms over {cfg.rounds} rounds){on}")
         pairs = list(zip(results, results[1:], strict=False))
         if len(results) > 2:
             pairs.append((results[0], results[-1]))
         comparisons = [compare(a, b) for a, b in pairs]
-        write_json(ctx.stage_dir / "benchmark.json", {"host": host_info(threads), "rounds": cfg.rounds,
-                                                      "stages": results, "comparisons": comparisons})
+        out: dict[str, Any] = {"host": host_info(threads), "rounds": cfg.rounds, "task": ctx.data.task,
+                               "stages": results, "comparisons": comparisons}
+        if seg:
+            out["class_names"] = list(ctx.data.class_names)
+            if frames and results:  # the first and the last measured stage, as the report compares them
+                ends = [0, len(results) - 1] if len(results) > 1 else [0]
+                drawn = [(results[j]["stage"], labels[j]) for j in ends]
+                out["overlays"] = seg_bench.write_overlays(ctx.data, frames, drawn, ctx.stage_dir / "overlays")
+        write_json(ctx.stage_dir / "benchmark.json", out)
         self.metrics = {"stages_measured": len(results),
                         "within_spread": [f"{c['from']}→{c['to']}" for c in comparisons if c["within_spread"]]}
         return graph
