@@ -276,6 +276,7 @@ def test_nano_prediction_at_the_segmenter_input_size(tmp_path: Path) -> None:
     """A 240x320 student predicts for the 4 GB Nano (latency and the memory verdict); the same
     family at 512x512 with a finer patch needs more activation memory than the 2 GB Nano leaves."""
     from edgevit.predict.device import predict_onnx
+    from edgevit.predict.kernels import kernel_graph
 
     small = tmp_path / "small.onnx"
     export_onnx(_segmenter((240, 320), patch=16, classes=12, decoder={"kind": "linear"}), small, opset=13,
@@ -286,9 +287,109 @@ def test_nano_prediction_at_the_segmenter_input_size(tmp_path: Path) -> None:
     big = tmp_path / "big.onnx"
     export_onnx(_segmenter((512, 512), patch=8, heads=5, classes=12, decoder={"kind": "linear"}), big, opset=13,
                 dynamic_batch=False)
-    nano_big = predict_onnx(big, load_profile("jetson-nano"))
+    kg = kernel_graph(big, 4)  # read once, predicted for both boards
+    nano_big = predict_onnx(big, load_profile("jetson-nano"), kg=kg)
     assert nano_big["memory_breakdown_mb"]["activations"] > 50 * nano["memory_breakdown_mb"]["activations"]
-    two = predict_onnx(big, load_profile("jetson-nano-2gb"))
+    two = predict_onnx(big, load_profile("jetson-nano-2gb"), kg=kg)
     assert two["verdict"] == "not deployable" and any("MB a process can use" in r for r in two["reasons"])
     assert predict_onnx(small, load_profile("jetson-nano-2gb"))["verdict"] == "deployable"
     assert json.dumps(nano)  # what the bundle writes into bundle.json
+
+
+class _Dev:
+    """A fake device buffer: pycuda's DeviceAllocation as an int address into a table."""
+
+    def __init__(self, table: dict) -> None:
+        self.data: np.ndarray | None = None
+        table[id(self)] = self
+
+    def __int__(self) -> int:
+        return id(self)
+
+
+def _fake_gpu(onnx_path: Path) -> dict[str, object]:
+    """tensorrt and pycuda modules whose engine is ONNX Runtime: the board script's own loop runs here."""
+    import types
+
+    sess, table = session(onnx_path), {}
+    out_shape = [int(d) for d in sess.get_outputs()[0].shape]
+
+    class Context:
+        def __init__(self) -> None:
+            self.shape, self.addr = None, {}
+
+        def set_input_shape(self, name: str, shape: tuple) -> bool:
+            self.shape = shape
+            return True
+
+        def get_tensor_shape(self, name: str) -> tuple:
+            return (self.shape[0], *out_shape[1:])
+
+        def set_tensor_address(self, name: str, addr: int) -> None:
+            self.addr[name] = addr
+
+        def execute_async_v3(self, stream: int) -> bool:
+            x = table[self.addr["input"]].data
+            x = np.zeros(self.shape, np.float32) if x is None else x  # timing runs before any copy
+            table[self.addr["logits"]].data = sess.run(None, {"input": x})[0]
+            return True
+
+    class Engine:
+        num_io_tensors = 2
+
+        def get_tensor_name(self, i: int) -> str:
+            return ["input", "logits"][i]
+
+        def get_tensor_mode(self, name: str) -> str:
+            return "in" if name == "input" else "out"
+
+        def get_tensor_shape(self, name: str) -> tuple:
+            return tuple(int(d) for d in sess.get_inputs()[0].shape)
+
+        def create_execution_context(self) -> Context:
+            return Context()
+
+    class Event:
+        def record(self, stream: object) -> None: ...
+
+        def synchronize(self) -> None: ...
+
+        def time_till(self, other: object) -> float:
+            return 1.5
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "8.2.1.8"
+    trt.Logger = type("Logger", (), {"WARNING": 0, "__init__": lambda self, level: None})
+    trt.TensorIOMode = SimpleNamespace(INPUT="in")
+    trt.Runtime = lambda logger: SimpleNamespace(deserialize_cuda_engine=lambda blob: Engine())
+    driver = types.ModuleType("pycuda.driver")
+    driver.Stream = lambda: SimpleNamespace(handle=0, synchronize=lambda: None)
+    driver.Event = Event
+    driver.pagelocked_empty = lambda shape, dtype: np.empty(shape, dtype)
+    driver.mem_alloc = lambda nbytes: _Dev(table)
+    driver.memcpy_htod_async = lambda d, h, stream: setattr(d, "data", h.copy())
+    driver.memcpy_dtoh_async = lambda h, d, stream: np.copyto(h, d.data.reshape(h.shape))
+    pycuda = types.ModuleType("pycuda")
+    pycuda.driver = driver
+    return {"tensorrt": trt, "pycuda": pycuda, "pycuda.driver": driver,
+            "pycuda.autoinit": types.ModuleType("pycuda.autoinit")}
+
+
+def test_jetson_script_writes_the_boards_miou_to_measured_json(seg, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The script's main loop end to end, TensorRT and CUDA faked by ONNX Runtime: measured.json
+    carries the mIoU edgevit computes from the same model on the same frames."""
+    b = _bundle(seg, tmp_path)
+    meta = jb.load_bundle(str(b))
+    for name, module in _fake_gpu(b / "model.onnx").items():
+        monkeypatch.setitem(__import__("sys").modules, name, module)
+    engine = b / f"model.{jb.sha256_file(str(b / 'model.onnx'))[:12]}.{meta['precision']}.trt8.2.1.8.engine"
+    engine.write_bytes(b"built on the board")  # present: the script deserializes instead of building
+    out = tmp_path / "measured.json"
+    assert jb.main([str(b), "--out", str(out), "--runs", "3", "--warmup", "1"]) == 0
+    stage = json.loads(out.read_text())["stages"][0]
+    assert stage["task"] == "segmentation" and stage["top1"] is None and stage["val_frames"] == 5
+    _, data = seg
+    images, masks = val_frames(data, 5, 0)
+    assert stage["miou"] == pytest.approx(onnx_miou(b / "model.onnx", images, masks, 3, IGNORE), abs=1e-6)
+    assert stage["latency_ms"]["median"] == 1.5 and len(stage["iou"]) == 3

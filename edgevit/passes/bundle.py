@@ -40,7 +40,8 @@ class BundleConfig(PassConfig):
     precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
         "auto", description="engine precision on the board; auto: the ONNX's own (INT8 Q/DQ) or the "
         "profile's float precision (FP16 on a Jetson)")
-    validation_samples: int = Field(256, ge=1, description="validation images shipped to score top-1 on the board")
+    validation_samples: int = Field(256, ge=1, description="validation images shipped to score top-1 (a "
+                                    "segmenter: mIoU, masks at their own resolution) on the board")
     workspace_mb: int | None = Field(None, ge=16, description="TensorRT builder workspace; default: the profile's")
     build_engine: bool = Field(False, description="also build a TensorRT engine here and check it against ONNX "
                                "Runtime (only when this machine is the target and has TensorRT)")
