@@ -7,7 +7,11 @@ Layout (``bundle.json`` is the index; the Jetson script's docstring fixes its fo
                   preprocess (img_size, mean, std, resize), labels, profile, predicted, and the
                   caller's ``meta`` (the bundle pass: onnx_precision, engine_precision, batch)
     model.onnx    the stage's ONNX (the board builds its own engine from it)
-    val.npz       x: float32 N,C,H,W normalised like the model's input; y: labels
+    val.npz       x: float32 N,C,H,W normalised like the model's input; y: labels. A segmentation
+                  bundle (``task: segmentation``, ``classes``, ``num_classes``, ``ignore_index``):
+                  y: the masks at their own resolution, padded with the ignore label to one
+                  N,Hmax,Wmax array, and mask_hw: each mask's (h, w), so the board scores mIoU
+                  where the host does (not at the input size, which would change the number)
     labels.txt    one class name per line, in logit order
     calibration/  the calibration manifest and range cache, when the run has them
     edgevit_jetson_bench.py, README.txt
@@ -36,8 +40,10 @@ def write_bundle(out: Path, *, onnx_path: Path, stage: str, precision: str, work
                  input_name: str, input_shape: list[int], val_x: np.ndarray, val_y: np.ndarray,
                  labels: list[str], preprocess: dict[str, Any], profile: str | None,
                  predicted: dict[str, Any] | None, extra_files: dict[str, Path] | None = None,
-                 meta: dict[str, Any] | None = None) -> Path:
-    """Write the bundle into a temporary sibling and move it into place whole."""
+                 meta: dict[str, Any] | None = None, val_extra: dict[str, np.ndarray] | None = None) -> Path:
+    """Write the bundle into a temporary sibling and move it into place whole. ``val_extra``: more
+    arrays for val.npz (a segmentation bundle's ``mask_hw``); masks (``val_y`` of 2+ dims) keep
+    their dtype (uint8 for most label sets), labels become int64."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -45,7 +51,8 @@ def write_bundle(out: Path, *, onnx_path: Path, stage: str, precision: str, work
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700: another user on the board must read the bundle
     try:
         shutil.copyfile(onnx_path, tmp / "model.onnx")
-        np.savez_compressed(tmp / "val.npz", x=val_x.astype(np.float32), y=val_y.astype(np.int64))
+        y = val_y if val_y.ndim > 1 else val_y.astype(np.int64)
+        np.savez_compressed(tmp / "val.npz", x=val_x.astype(np.float32), y=y, **(val_extra or {}))
         write_text(tmp / "labels.txt", "\n".join(labels) + "\n")
         shutil.copyfile(SCRIPT, tmp / SCRIPT.name)
         os.chmod(tmp / SCRIPT.name, 0o777 & ~umask)  # runnable as ./edgevit_jetson_bench.py
@@ -87,7 +94,8 @@ On the board (JetPack 4.6: Python 3.6, TensorRT 8.2, pycuda):
     sha256sum -c SHA256SUMS
     python3 {SCRIPT.name} . --out measured.json
 It builds the TensorRT engine from model.onnx on the board (engines are not portable), times
-batch-1 inference with CUDA events, scores val.npz and samples tegrastats. Bring measured.json
+batch-1 inference with CUDA events, scores val.npz (top-1, or mIoU for a segmenter) and
+samples tegrastats. Bring measured.json
 back and run:
     edgevit report RUN_DIR --measured measured.json
 """

@@ -62,9 +62,11 @@ def run_engine(engine_path: Path, images: np.ndarray) -> np.ndarray:
     return np.concatenate([runner(images[i:i + 1]) for i in range(len(images))])
 
 
-def parity(engine_path: Path, onnx_path: Path, images: np.ndarray) -> dict[str, Any]:
-    """How far the engine's logits are from ONNX Runtime's on the same images."""
+def parity(engine_path: Path, onnx_path: Path, images: np.ndarray, task: str = "classification") -> dict[str, Any]:
+    """How far the engine's logits are from ONNX Runtime's on the same images (a segmenter: per pixel)."""
     from edgevit.onnx_io import parity_metrics, run_batches, session
+    from edgevit.seg.deploy import seg_parity
 
     ref = run_batches(session(onnx_path), images.astype(np.float32))
-    return parity_metrics(ref, run_engine(engine_path, images.astype(np.float32)))
+    got = run_engine(engine_path, images.astype(np.float32))
+    return seg_parity(ref, got) if task == "segmentation" else parity_metrics(ref, got)

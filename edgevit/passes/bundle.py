@@ -1,5 +1,9 @@
 """bundle: a deploy bundle of the previous stage's ONNX for the recipe's device profile, with
-a prediction, a validation subset and the Jetson-side script (see edgevit.deploy.bundle)."""
+a prediction, a validation subset and the Jetson-side script (see edgevit.deploy.bundle).
+
+A segmenter's bundle ships its validation frames with the masks at their own resolution and
+``task``, ``classes``, ``num_classes`` and ``ignore_index`` in bundle.json, so the board's
+script scores the same mIoU the host does."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from edgevit.onnx_io import INPUT, export_onnx
 from edgevit.passes.base import Pass, PassConfig
 from edgevit.predict.device import onnx_precision, predict_onnx
 from edgevit.predict.kernels import kernel_graph
+from edgevit.seg.deploy import pack_masks, val_frames
 
 # How edgevit's data pipeline (edgevit.data.task_data) brings an image to the model's input: a client
 # scoring images of another size must do the same (tests/test_deploy.py checks this against it).
@@ -35,7 +40,8 @@ class BundleConfig(PassConfig):
     precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
         "auto", description="engine precision on the board; auto: the ONNX's own (INT8 Q/DQ) or the "
         "profile's float precision (FP16 on a Jetson)")
-    validation_samples: int = Field(256, ge=1, description="validation images shipped to score top-1 on the board")
+    validation_samples: int = Field(256, ge=1, description="validation images shipped to score top-1 (a "
+                                    "segmenter: mIoU, masks at their own resolution) on the board")
     workspace_mb: int | None = Field(None, ge=16, description="TensorRT builder workspace; default: the profile's")
     build_engine: bool = Field(False, description="also build a TensorRT engine here and check it against ONNX "
                                "Runtime (only when this machine is the target and has TensorRT)")
@@ -65,7 +71,22 @@ class BundlePass(Pass):
         if precision == "int8" and own != "int8":
             raise EdgeVitError("passes.bundle.precision: int8 on the board needs a model with Q/DQ nodes; put a "
                                "quantize pass with precision: int8 (layout: tensorrt) before bundle")
-        x, y = ctx.data.sample(cfg.validation_samples, ctx.seed, "val")
+        seg = graph.spec.task == "segmentation"
+        val_extra: dict[str, np.ndarray] = {}
+        task_meta: dict[str, object] = {}
+        if seg:  # masks at their own resolution: the board scores mIoU where the host does
+            x, masks = val_frames(ctx.data, cfg.validation_samples, ctx.seed)
+            ignore = ctx.data.ignore_index if ctx.data.ignore_index is not None else 255
+            y, val_extra["mask_hw"] = pack_masks(masks, ignore)
+            task_meta = {"task": "segmentation", "classes": list(ctx.data.class_names),
+                         "num_classes": ctx.data.num_classes, "ignore_index": ignore,
+                         "validation_masks": "y: masks at their own resolution, padded with ignore_index to "
+                         "N,Hmax,Wmax; mask_hw: each mask's (h, w); logits are upsampled bilinearly "
+                         "(align_corners=False) to it before the argmax, as edgevit.seg.metrics does"}
+        else:
+            xt, yt = ctx.data.sample(cfg.validation_samples, ctx.seed, "val")
+            x, y = xt.numpy(), yt.numpy()
+            task_meta = {"task": "classification"}
         prep = ctx.data.prep or {}
         h, w = graph.spec.img_size
         predicted = predict_onnx(onnx_path, p, precision, kg=kg) if p is not None else None
@@ -81,12 +102,13 @@ class BundlePass(Pass):
         out = write_bundle(
             ctx.stage_dir / "bundle", onnx_path=onnx_path, stage=stage, precision=precision,
             workspace_mb=workspace, input_name=INPUT, input_shape=[1, graph.spec.in_chans, h, w],
-            val_x=x.numpy().astype(np.float32), val_y=y.numpy(), labels=list(ctx.data.class_names),
+            val_x=x.astype(np.float32), val_y=y, labels=list(ctx.data.class_names), val_extra=val_extra,
             preprocess={"img_size": [h, w], "mean": prep.get("mean"), "std": prep.get("std"), "resize": RESIZE,
                         "layout": "NCHW, RGB, resized, scaled to [0, 1] then (x - mean) / std"},
             profile=p.name if p is not None else None, predicted=predicted, extra_files=extra,
             meta={"onnx_precision": own or "fp32", "engine_precision": precision,
-                  "batch": batch_note([1, graph.spec.in_chans, h, w], p is not None and p.static_batch)})
+                  "batch": batch_note([1, graph.spec.in_chans, h, w], p is not None and p.static_batch),
+                  **task_meta})
         shown = f"{ctx.stage_name}/{out.name}"
         self.metrics = {"bundle": shown, "stage": stage, "precision": precision, "onnx_precision": own or "fp32",
                         "files": len(list(out.iterdir())), "predicted": predicted}
@@ -95,7 +117,7 @@ class BundlePass(Pass):
 
             engine = build_engine(onnx_path, ctx.stage_dir / f"model.{precision}.engine", precision, workspace,
                                   timing_cache=ctx.run_dir / "tensorrt.timing.cache")
-            self.metrics["engine_parity"] = parity(engine, onnx_path, x.numpy()[:64])
+            self.metrics["engine_parity"] = parity(engine, onnx_path, x[:64], graph.spec.task)
         graph.artifacts["bundle"] = out
         on = (f"ONNX {own or 'fp32'}, {p.name} builds {precision}: predicted {predicted['latency_ms']} ms, "
               f"{predicted['verdict']}" if predicted else "")

@@ -4,7 +4,11 @@ With ``cpu_fusion`` (ONNX Runtime profiles, e.g. the host CPU) the stage also wr
 CPU form (``model.cpu.onnx``: attention as ONNX Runtime's ``Attention`` kernel, see
 :mod:`edgevit.ort_fusion`), gated by the same parity check, and hands it on as the stage's
 ``onnx``; the plain export stays as ``onnx_portable``. TensorRT profiles (the Jetson path)
-get the plain export only: no contrib ops."""
+get the plain export only: no contrib ops.
+
+A segmenter exports at its input size (the Resize of its upsample included) and is gated per
+pixel (:mod:`edgevit.seg.deploy`): the fraction of pixels whose argmax class agrees must reach
+``min_agreement``, and the max |logit difference| stay within ``atol``."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from edgevit.graph import ModelGraph
 from edgevit.onnx_io import export_onnx, op_counts, parity_metrics, run_batches, session, simplify_onnx
 from edgevit.ort_fusion import fuse_for_cpu
 from edgevit.passes.base import Pass, PassConfig
+from edgevit.seg.deploy import seg_parity
 
 
 class ExportConfig(PassConfig):
@@ -29,7 +34,8 @@ class ExportConfig(PassConfig):
                            "level, standard ops only), then onnx.checker")
     parity_samples: int = Field(64, ge=1, description="validation images compared torch vs ONNX Runtime")
     atol: float = Field(1e-3, gt=0, description="largest allowed |logit difference|")
-    min_agreement: float = Field(0.99, ge=0, le=1, description="smallest allowed top-1 agreement")
+    min_agreement: float = Field(0.99, ge=0, le=1, description="smallest allowed top-1 agreement; a segmenter: "
+                                 "the smallest fraction of pixels whose argmax class agrees")
     cpu_fusion: bool = Field(False, description="also write the fused ONNX Runtime CPU form (attention as "
                              "com.microsoft.Attention) and hand it on; ONNX Runtime profiles only (not TensorRT); "
                              "off by default: not measured faster on the CPU in the README")
@@ -59,7 +65,7 @@ class ExportPass(Pass):
         images, _ = ctx.data.sample(cfg.parity_samples, ctx.seed, "val")
         with torch.no_grad():
             ref = graph.module.cpu().eval()(images).numpy()
-        parity = self._parity(cfg, path, images.numpy(), ref)
+        parity = self._parity(cfg, path, images.numpy(), ref, graph.spec.task)
         self.metrics = {
             "opset": opset,
             "dynamic_batch": dynamic,
@@ -78,15 +84,28 @@ class ExportPass(Pass):
             self.metrics["cpu_form"] = {"attention_fused": result.attention_fused,
                                         "attention_regions": result.attention_regions,
                                         "unfused_regions": result.unfused_regions, "fused_ops": result.ops,
-                                        "parity": self._parity(cfg, fused, images.numpy(), ref)}
+                                        "parity": self._parity(cfg, fused, images.numpy(), ref,
+                                                                         graph.spec.task)}
             graph.artifacts["onnx_portable"] = path
             graph.artifacts["onnx"] = fused
         return graph
 
     @staticmethod
-    def _parity(cfg: ExportConfig, path, images: np.ndarray, ref: np.ndarray) -> dict:  # noqa: ANN001
+    def _parity(cfg: ExportConfig, path, images: np.ndarray, ref: np.ndarray,  # noqa: ANN001
+                task: str = "classification") -> dict:
         """ONNX Runtime's logits against torch's; raises past the configured bounds."""
-        parity = parity_metrics(ref, run_batches(session(path), images))
+        got = run_batches(session(path), images)
+        if task == "segmentation":
+            parity = seg_parity(ref, got)
+            if parity["max_abs_diff"] > cfg.atol or parity["pixel_agreement"] < cfg.min_agreement:
+                raise EdgeVitError(
+                    f"export: {path.name} differs from torch on {len(images)} images (max |logit diff| "
+                    f"{parity['max_abs_diff']:.2e} > atol {cfg.atol:g} or pixel agreement "
+                    f"{parity['pixel_agreement']:.4f} < {cfg.min_agreement}; mean |diff| "
+                    f"{parity['mean_abs_diff']:.2e}); raise passes.export.atol or lower min_agreement only if "
+                    "that difference is acceptable")
+            return parity
+        parity = parity_metrics(ref, got)
         if parity["max_abs_diff"] > cfg.atol or parity["top1_agreement"] < cfg.min_agreement:
             raise EdgeVitError(
                 f"export: {path.name} differs from torch (max |diff| {parity['max_abs_diff']:.2e} > atol "

@@ -1,11 +1,17 @@
 """quantize: post-training FP16 or INT8 (calibrated, QDQ) of the exported ONNX model.
 
+A segmenter is judged by mIoU (``edgevit.seg.metrics``) of both ONNX files on validation frames
+at their masks' own resolution: ``miou``, ``float_miou``, ``miou_drop`` (points) and
+``pixel_agreement`` with the float model, instead of top-1.
+
 The target profile decides what is possible: INT8 asked for a device without INT8 kernels
 (the Jetson Nano) becomes FP16 with one warning, or an error under ``strict``. The
 quantized ONNX becomes the stage's ``onnx`` artifact, so ``benchmark`` measures it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -26,7 +32,8 @@ from edgevit.quantize.int8 import (
     quantize_int8,
     quantized_nodes,
 )
-from edgevit.quantize.sensitivity import keep_in_float, logits, node_sensitivity
+from edgevit.quantize.sensitivity import keep_in_float, logits, node_sensitivity, top1_score
+from edgevit.seg.deploy import compare_onnx, onnx_miou, val_frames
 
 
 class QuantizeConfig(PassConfig):
@@ -52,8 +59,9 @@ class QuantizeConfig(PassConfig):
     include_nodes: list[str] | None = Field(None, description="quantize only these node names")
     exclude_nodes: list[str] = Field(default_factory=list, description="node names kept in float")
     accuracy_budget: float | None = Field(
-        None, ge=0, description="INT8: keep the most sensitive layers in float until top-1 is within this many "
-        "points of the float model (on eval_samples validation images)")
+        None, ge=0, description="INT8: keep the most sensitive layers in float until top-1 (a segmenter: "
+        "mIoU, masks at their own resolution) is within this many points of the float model's (on eval_samples "
+        "validation images)")
     eval_samples: int = Field(500, ge=10, description="validation images used to check the budget and parity")
     keep_fp32: list[str] = Field(default_factory=lambda: list(KEEP_FP32), description="FP16: op types kept in FP32")
     opset: int | None = Field(None, ge=11, le=21, description="export opset when no earlier stage exported "
@@ -76,28 +84,42 @@ class QuantizePass(Pass):
             opset = ctx.profile.export_opset(cfg.opset) if ctx.profile is not None else (cfg.opset or 17)
             src = ctx.stage_dir / "model.fp32.onnx"
             export_onnx(graph, src, opset=opset)
-        eval_x, eval_y = ctx.data.sample(cfg.eval_samples, ctx.seed + 1, "val")
-        eval_x, eval_y = eval_x.numpy(), eval_y.numpy()
-        ref = logits(src, eval_x)
         self.metrics = {"precision": precision, "requested": cfg.precision}
+        seg = graph.spec.task == "segmentation"
+        if seg:  # mIoU on validation frames at their masks' own resolution
+            eval_x, masks = val_frames(ctx.data, cfg.eval_samples, ctx.seed + 1)
+            classes, ignore = ctx.data.num_classes, ctx.data.ignore_index
+
+            def score(path: Path) -> float:
+                return onnx_miou(path, eval_x, masks, classes, ignore)
+        else:
+            eval_x, eval_y = (t.numpy() for t in ctx.data.sample(cfg.eval_samples, ctx.seed + 1, "val"))
+            score = top1_score(eval_x, eval_y)
         if precision == "fp16":
             out = ctx.stage_dir / "model.fp16.onnx"
             convert_fp16(src, out, cfg.keep_fp32)
             self.metrics["kept_fp32_ops"] = cfg.keep_fp32
         else:
-            out = self._int8(cfg, ctx, src, eval_x, eval_y, ref)
-        q = logits(out, eval_x)
-        self.metrics.update({
-            "eval_samples": len(eval_y),
-            "float_top1": round(100.0 * float((ref.argmax(1) == eval_y).mean()), 2),
-            "quantized_top1": round(100.0 * float((q.argmax(1) == eval_y).mean()), 2),
-            "parity": parity_metrics(ref, q),  # against the float model it quantized
-            "size_bytes": out.stat().st_size,
-            "float_size_bytes": src.stat().st_size,
-        })
-        ctx.console.print(f"  {precision}: top-1 {self.metrics['quantized_top1']}% vs float "
-                          f"{self.metrics['float_top1']}% on {len(eval_y)} validation images, "
-                          f"{out.stat().st_size / 1e6:.2f} MB (float {src.stat().st_size / 1e6:.2f} MB)")
+            out = self._int8(cfg, ctx, src, score)
+        sizes = {"size_bytes": out.stat().st_size, "float_size_bytes": src.stat().st_size}
+        mb = f"{out.stat().st_size / 1e6:.2f} MB (float {src.stat().st_size / 1e6:.2f} MB)"
+        if seg:
+            cmp = compare_onnx(src, out, eval_x, masks, classes, ignore)
+            self.metrics.update({"eval_samples": len(eval_x), **cmp, **sizes})
+            ctx.console.print(f"  {precision}: mIoU {cmp['miou']} vs float {cmp['float_miou']} (drop "
+                              f"{cmp['miou_drop']} points, pixel agreement {cmp['pixel_agreement']:.4f}) on "
+                              f"{len(eval_x)} validation frames, {mb}")
+        else:
+            ref, q = logits(src, eval_x), logits(out, eval_x)
+            self.metrics.update({
+                "eval_samples": len(eval_y),
+                "float_top1": round(100.0 * float((ref.argmax(1) == eval_y).mean()), 2),
+                "quantized_top1": round(100.0 * float((q.argmax(1) == eval_y).mean()), 2),
+                "parity": parity_metrics(ref, q),  # against the float model it quantized
+                **sizes,
+            })
+            ctx.console.print(f"  {precision}: top-1 {self.metrics['quantized_top1']}% vs float "
+                              f"{self.metrics['float_top1']}% on {len(eval_y)} validation images, {mb}")
         graph.artifacts["onnx"] = out
         return graph
 
@@ -120,7 +142,7 @@ class QuantizePass(Pass):
         raise EdgeVitError(f"passes.quantize.precision: {p.name} does not support {cfg.precision} "
                            f"(it supports {', '.join(p.precisions)})")
 
-    def _int8(self, cfg: QuantizeConfig, ctx: RunContext, src, eval_x, eval_y, ref):  # noqa: ANN001, ANN202
+    def _int8(self, cfg: QuantizeConfig, ctx: RunContext, src: Path, score: Callable[[Path], float]) -> Path:
         layout = cfg.layout
         if layout == "auto":
             layout = "tensorrt" if ctx.profile is not None and ctx.profile.runtime == "tensorrt" else "ort_cpu"
@@ -160,9 +182,8 @@ class QuantizePass(Pass):
                 sens = node_sensitivity(pre, ctx.stage_dir, nodes, calibration_images, qargs,
                                         lambda: progress.advance(task))
             ranked = sorted(sens, key=sens.__getitem__, reverse=True)
-            fp32 = 100.0 * float((ref.argmax(1) == eval_y).mean())
-            kept, _ = keep_in_float(pre, out, eval_x, eval_y, fp32, ranked, cfg.accuracy_budget, qargs,
-                                       cfg.exclude_nodes + skip)
+            kept, _ = keep_in_float(pre, out, score, score(src), ranked, cfg.accuracy_budget, qargs,
+                                    cfg.exclude_nodes + skip)
             self.metrics["sensitivity"] = {k: round(v, 6) for k, v in sorted(sens.items(), key=lambda kv: -kv[1])}
             if kept:
                 ctx.console.print(f"  kept in float to stay within {cfg.accuracy_budget} points: {', '.join(kept)}")

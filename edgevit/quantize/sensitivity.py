@@ -2,7 +2,8 @@
 
 Each candidate node is quantized alone and scored by the relative error it causes in the
 logits on the calibration images; then the worst nodes are kept in float, one more at a
-time, until top-1 on held-out images is within the budget of the float model's."""
+time, until the task's score (top-1, or a segmenter's mIoU) on held-out images is within the
+budget of the float model's."""
 
 from __future__ import annotations
 
@@ -34,15 +35,21 @@ def node_sensitivity(pre: Path, work: Path, nodes: list[str], calib: np.ndarray,
     return out
 
 
-def keep_in_float(pre: Path, dst: Path, eval_images: np.ndarray, eval_labels: np.ndarray, fp32: float,
-                  ranked: list[str], budget: float, qargs: dict, exclude: list[str]) -> tuple[list[str], float]:
+def keep_in_float(pre: Path, dst: Path, score: Callable[[Path], float], fp32: float, ranked: list[str],
+                  budget: float, qargs: dict, exclude: list[str]) -> tuple[list[str], float]:
     """Quantize into ``dst`` keeping the fewest of ``ranked`` (worst first) in float so that
-    top-1 stays within ``budget`` points of the float model's ``fp32``; returns (kept, int8 top-1)."""
-    top1 = fp32
+    ``score(dst)`` (the task's metric: top-1, or mIoU for a segmenter) stays within ``budget``
+    points of the float model's ``fp32``; returns (kept, the quantized score)."""
+    got = fp32
     for k in range(len(ranked) + 1):
         kept = ranked[:k]
         quantize_int8(pre, dst, nodes_to_exclude=exclude + kept, **qargs)
-        top1 = 100.0 * float((logits(dst, eval_images).argmax(1) == eval_labels).mean())
-        if fp32 - top1 <= budget:
-            return kept, top1
-    return ranked, top1
+        got = score(dst)
+        if fp32 - got <= budget:
+            return kept, got
+    return ranked, got
+
+
+def top1_score(images: np.ndarray, labels: np.ndarray) -> Callable[[Path], float]:
+    """Top-1 (0-100) of an ONNX file on ``images``: the classification score for :func:`keep_in_float`."""
+    return lambda path: 100.0 * float((logits(path, images).argmax(1) == labels).mean())

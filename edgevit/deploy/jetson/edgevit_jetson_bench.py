@@ -19,6 +19,15 @@ throughput and top-1 on the bundled validation images, samples power and RAM fro
 ``tegrastats`` when present, and writes JSON in the shape of edgevit's report.json
 (``stages: [{stage, top1, latency_ms: {median, p90, p99}, throughput_ips, peak_mem_mb,
 power_mw}]`` plus ``device``) so ``edgevit report`` can set it beside the prediction.
+
+A segmentation bundle (``"task": "segmentation"``, ``num_classes``, ``ignore_index``) ships
+``val.npz`` with ``y``: masks at their own resolution padded with the ignore label to one
+(N, Hmax, Wmax) array and ``mask_hw``: each mask's (h, w). The script scores mIoU the way
+edgevit does on the host (``edgevit.seg.metrics``): the engine's logits at the input size are
+upsampled bilinearly (align_corners=False, as torch) to each mask's size in numpy, the argmax
+is taken there, and one confusion matrix over all frames gives the IoUs; a class absent from
+both truth and prediction is left out of the mean. It writes ``miou`` and ``pixel_accuracy``
+(0-100) instead of ``top1``.
 """
 
 import argparse
@@ -280,6 +289,65 @@ class Runner:
         return (time.perf_counter() - t0) * 1000.0
 
 
+def bilinear_matrix(n_in, n_out):
+    """(n_out, n_in) weights of torch's bilinear resize along one axis (align_corners=False)."""
+    m = np.zeros((n_out, n_in), dtype=np.float32)
+    scale = float(n_in) / float(n_out)
+    for d in range(n_out):
+        src = max((d + 0.5) * scale - 0.5, 0.0)
+        i0 = min(int(src), n_in - 1)
+        i1 = i0 + 1 if i0 < n_in - 1 else i0
+        frac = src - i0
+        m[d, i0] += 1.0 - frac
+        m[d, i1] += frac
+    return m
+
+
+def upsample_logits(logits, size):
+    """(C, h, w) logits at ``size`` (H, W), bilinearly as the host metric does."""
+    h, w = logits.shape[-2:]
+    if (h, w) == tuple(size):
+        return logits
+    rows, cols = bilinear_matrix(h, size[0]), bilinear_matrix(w, size[1])
+    return np.matmul(rows[None], np.matmul(logits.astype(np.float32), cols.T))
+
+
+def confusion(pred, mask, num_classes, ignore_index):
+    """(C, C) counts, rows true class, columns predicted; the ignore label and labels >= C dropped."""
+    t = mask.reshape(-1).astype(np.int64)
+    p = pred.reshape(-1).astype(np.int64)
+    keep = (t >= 0) & (t < num_classes)
+    if ignore_index is not None:
+        keep &= t != ignore_index
+    p = np.clip(p[keep], 0, num_classes - 1)
+    return np.bincount(t[keep] * num_classes + p, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes)
+
+
+def seg_scores(cm):
+    """(mIoU, pixel accuracy, per-class IoU or None) in 0-100 from a confusion matrix."""
+    cm = cm.astype(np.float64)
+    inter = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - inter
+    present = union > 0
+    iou = np.where(present, inter / np.maximum(union, 1), 0.0)
+    miou = float(iou[present].mean() * 100) if present.any() else 0.0
+    total = cm.sum()
+    acc = float(inter.sum() / total * 100) if total > 0 else 0.0
+    return miou, acc, [float(v * 100) if ok else None for v, ok in zip(iou, present)]  # noqa: B905 (3.6)
+
+
+def score_segmentation(outputs, masks, mask_hw, num_classes, ignore_index):
+    """mIoU etc. of per-frame logits (each (1, C, h, w) or (C, h, w)) against padded masks."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for out, mask, (mh, mw) in zip(outputs, masks, mask_hw):  # noqa: B905 (no strict= in 3.6)
+        logits = out.reshape(out.shape[-3:])
+        pred = upsample_logits(logits, (int(mh), int(mw))).argmax(0)
+        cm += confusion(pred, mask[:int(mh), :int(mw)], num_classes, ignore_index)
+    miou, acc, iou = seg_scores(cm)
+    return {"miou": miou, "pixel_accuracy": acc, "iou": iou, "frames": len(mask_hw)}
+
+
 def sha256_file(path):
     import hashlib
 
@@ -339,25 +407,34 @@ def main(argv=None):
         run.time_ms()
     throughput = 20 * tp_batch / (time.time() - t0)
     run.bind(shape)
-    top1 = None
+    top1, scores = None, {}
     if meta.get("validation"):
         data = np.load(os.path.join(args.bundle, meta["validation"]), allow_pickle=False)
         x, y = data["x"].astype(np.float32), data["y"]
-        correct = sum(int(run(x[i:i + 1]).argmax()) == int(y[i]) for i in range(len(y)))
-        top1 = 100.0 * correct / max(len(y), 1)
+        if meta.get("task") == "segmentation":
+            outs = (run(x[i:i + 1]) for i in range(len(x)))
+            seg = score_segmentation(outs, y, data["mask_hw"], int(meta["num_classes"]), meta.get("ignore_index"))
+            scores = {"task": "segmentation", "miou": seg["miou"], "pixel_accuracy": seg["pixel_accuracy"],
+                      "iou": seg["iou"], "val_frames": seg["frames"]}
+        else:
+            correct = sum(int(run(x[i:i + 1]).argmax()) == int(y[i]) for i in range(len(y)))
+            top1 = 100.0 * correct / max(len(y), 1)
     sampled = stats.stop()
-    result = {"format": FORMAT_OUT, "device": device_info(trt.__version__),
-              "stages": [dict({"stage": meta.get("stage"), "precision": meta["precision"], "top1": top1,
-                               "latency_ms": percentiles(times), "latency_with_copies_ms": percentiles(with_copies),
-                               "throughput_ips": throughput, "throughput_batch": tp_batch,
-                               "runs": args.runs, "warmup": args.warmup}, **sampled)]}
+    stage = dict({"stage": meta.get("stage"), "precision": meta["precision"], "top1": top1},
+                 **scores)
+    stage.update({"latency_ms": percentiles(times), "latency_with_copies_ms": percentiles(with_copies),
+                  "throughput_ips": throughput, "throughput_batch": tp_batch,
+                  "runs": args.runs, "warmup": args.warmup})
+    stage.update(sampled)
+    result = {"format": FORMAT_OUT, "device": device_info(trt.__version__), "stages": [stage]}
     out = args.out or os.path.join(args.bundle, "measured.json")
     with open(out + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
     os.replace(out + ".tmp", out)
-    print("{}: median {:.2f} ms, p99 {:.2f} ms, {:.0f} img/s, top-1 {}".format(
-        meta.get("stage"), result["stages"][0]["latency_ms"]["median"], result["stages"][0]["latency_ms"]["p99"],
-        throughput, "n/a" if top1 is None else f"{top1:.2f}%"))
+    quality = ("mIoU {:.2f}".format(scores["miou"]) if "miou" in scores else
+               "top-1 {}".format("n/a" if top1 is None else f"{top1:.2f}%"))
+    print("{}: median {:.2f} ms, p99 {:.2f} ms, {:.0f} img/s, {}".format(
+        meta.get("stage"), stage["latency_ms"]["median"], stage["latency_ms"]["p99"], throughput, quality))
     return 0
 
 
