@@ -20,7 +20,7 @@ from edgevit.data import build_data
 from edgevit.data.config import SegmentationData
 from edgevit.distill.objective import DistillObjective, LossConfig
 from edgevit.errors import EdgeVitError
-from edgevit.graph.spec import GraphSpec
+from edgevit.graph.spec import DecoderSpec, GraphSpec
 from edgevit.passes.adapt import AdaptConfig, AdaptPass
 from edgevit.recipe import parse_recipe
 from edgevit.registry import Registry
@@ -70,7 +70,9 @@ def _spec(num_classes: int = 2, task: str = "segmentation") -> GraphSpec:
     """A model's spec as the data reads it (size, normalisation, classes, task)."""
     return GraphSpec(family="test", embed_dim=8, img_size=INPUT, patch_size=(4, 4), in_chans=3,
                      mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), num_classes=num_classes, num_prefix_tokens=0,
-                     pool="avg", patch_embed="stem", classifiers=["head"], blocks=[], task=task)  # type: ignore[arg-type]
+                     pool="avg", patch_embed="stem", classifiers=["head"], blocks=[], task=task,  # type: ignore[arg-type]
+                     decoder=DecoderSpec(kind="linear", path="head", taps=[0], classifier="head", width=8)
+                     if task == "segmentation" else None)
 
 
 class TinySegmenter(nn.Module):
