@@ -251,3 +251,28 @@ def test_seg_loss_options_of_distill_and_recovery_are_checked_up_front(seg_folde
               "passes": [{"distill": {"student": {"shrink": {"depth": 1}}, "ohem": {"thresh": 0.7}}}]}
     res = run_cli("compress", str(_cli_recipe(tmp_path, digits)), "--out", str(tmp_path / "run2"))
     assert_user_error(res, "passes[0].distill", "segmentation loss options")
+
+
+@pytest.mark.parametrize("tuner", ["slicefine"])
+def test_tuners_train_a_segmenter(seg_folder: Path, tmp_path: Path, tuner: str) -> None:
+    """A per-patch head and ``pool: none`` through a tuner's adapt and a distill with it."""
+    passes = [{"adapt": {"epochs": 1, "lr": 0.003, "tuner": tuner, **TRAIN}},
+              {"distill": {"student": {"shrink": {"depth": 2}}, "epochs": 1, "lr": 0.003, "tuner": tuner, **TRAIN}}]
+    run_pipeline(_recipe(seg_folder, passes), tmp_path / "run")
+    for stage in ("01-adapt", "02-distill"):
+        m = json.loads((tmp_path / "run" / stage / "metrics.json").read_text())["metrics"]
+        assert m["tuner"]["name"] == tuner and "val_miou" in m
+        with torch.no_grad():
+            y = ModelGraph.load(tmp_path / "run" / stage).module.eval()(torch.randn(1, 3, H, W))
+        assert y.shape == (1, 3, H, W) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("where", ["adapt", "distill", "recover"])
+def test_a_side_module_tuner_on_a_segmenter_is_refused_up_front(seg_folder: Path, tmp_path: Path,
+                                                                 where: str) -> None:
+    step = {"adapt": {"adapt": {"epochs": 1, "tuner": "losa"}},
+            "distill": {"distill": {"student": {"shrink": {"depth": 2}}, "epochs": 1, "tuner": "disentangled"}},
+            "recover": {"prune": {"mlp": 0.5, "recover": {"epochs": 1, "tuner": "losa"}}}}[where]
+    res = run_cli("compress", str(_cli_recipe(tmp_path, _recipe(seg_folder, [step]))), "--out", str(tmp_path / "r"))
+    assert_user_error(res, "tuner:", "side module predicts one class per image", "use tuner full or slicefine")
+    assert not (tmp_path / "r").exists()

@@ -20,7 +20,7 @@ from edgevit.passes.base import Pass, PassConfig
 from edgevit.training.loop import TrainConfig
 from edgevit.training.task import SegLossConfig, check_seg_loss, task_loss
 from edgevit.training.tuned import train_tuned
-from edgevit.tuners import FullConfig, TunerConfig
+from edgevit.tuners import FullConfig, TunerConfig, check_tuner_task
 
 
 class StudentConfig(BaseModel):
@@ -57,6 +57,7 @@ class DistillPass(Pass):
     @classmethod
     def preflight(cls, config: PassConfig, ctx: RunContext, where: str) -> None:
         check_seg_loss(config, ctx.data, where)  # type: ignore[arg-type]
+        check_tuner_task(config.tuner, ctx.data.task, where)  # type: ignore[attr-defined]
 
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
         cfg: DistillConfig = self.config  # type: ignore[assignment]

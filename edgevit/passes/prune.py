@@ -28,7 +28,7 @@ from edgevit.prune.reconstruct import HEAD_SIZES, UNIT_SIZES, SearchSizes, ossca
 from edgevit.training.loop import TrainConfig
 from edgevit.training.task import SegLossConfig, check_seg_loss, task_loss
 from edgevit.training.tuned import train_tuned
-from edgevit.tuners import FullConfig, TunerConfig
+from edgevit.tuners import FullConfig, TunerConfig, check_tuner_task
 
 
 class RecoverConfig(TrainConfig, LossConfig, SegLossConfig):
@@ -78,6 +78,7 @@ class PrunePass(Pass):
         recover = config.recover  # type: ignore[attr-defined]
         if recover is not None:
             check_seg_loss(recover, ctx.data, f"{where}.recover")
+            check_tuner_task(recover.tuner, ctx.data.task, f"{where}.recover")
 
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
         cfg: PruneConfig = self.config  # type: ignore[assignment]
