@@ -56,6 +56,18 @@ _FINISHED = re.compile(r"^\d\d-[A-Za-z0-9_.-]+$")
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
+def headline(metrics: dict[str, Any]) -> str:
+    """A training stage's validation result for its ``✓`` line (a recovery's when it has one):
+    top-1 for classification, mIoU and pixel accuracy for segmentation; empty for other passes."""
+    m = metrics.get("recover") if isinstance(metrics.get("recover"), dict) else metrics
+    if m.get("val_miou") is not None:
+        acc = m.get("val_pixel_accuracy")
+        return f": val mIoU {m['val_miou']:.2f} %" + (f", pixel accuracy {acc:.2f} %" if acc is not None else "")
+    if m.get("val_top1") is not None:
+        return f": val top-1 {m['val_top1']:.2f} %"
+    return ""
+
+
 def _stamp(path: Path | None) -> Any:
     """Identity of an input file for the resume key: size and mtime, not a full hash."""
     if path is None or not Path(path).exists():
@@ -124,7 +136,9 @@ class Pipeline:
             from edgevit.threads import current_threads  # chosen by the caller (edgevit.threads.apply_threads)
 
             threads = current_threads()
-            self.console.print(f"edgevit compress: recipe [bold]{r.name}[/bold] → {self.run_dir}{where}, "
+            task = ctx.data.task
+            what = (f" ({task}, {ctx.data.num_classes} classes)" if task != "classification" else "")
+            self.console.print(f"edgevit compress: recipe [bold]{r.name}[/bold]{what} → {self.run_dir}{where}, "
                                f"{threads} CPU thread{'s' if threads != 1 else ''}")
             if isinstance(lock, RunLock) and lock.stale:
                 self.console.print(f"[dim]took over the lock of a run that is gone "
@@ -144,7 +158,8 @@ class Pipeline:
             device = torch.device("cuda", env.local_rank)
         source = load_model(r.model, self.registry)
         profile = load_profile(r.profile) if r.profile else None
-        data = build_data(r.data, source.spec, r.seed)
+        adapt_first = bool(self.steps) and self.steps[0].name == "adapt"  # it fits a head of the data's classes
+        data = build_data(r.data, source.spec, r.seed, check_classes=not adapt_first)
         self._check_classes(source, data.num_classes)
         if env.is_main:
             check_out_dir(self.run_dir, self.recipe_path)
@@ -289,7 +304,7 @@ class Pipeline:
         for name in ("checkpoint", ".checkpoint.new", ".checkpoint.old"):
             shutil.rmtree(partial / name, ignore_errors=True)
         replace_dir(partial, final)
-        self.console.print(f"[green]✓[/green] {final.name} ({seconds:.1f} s)")
+        self.console.print(f"[green]✓[/green] {final.name} ({seconds:.1f} s){headline(p.metrics)}")
         return ModelGraph.load(final, self.registry), seconds
 
     # helpers --------------------------------------------------------------------------

@@ -136,13 +136,15 @@ def _view(ds: SegmentationFolder, tf: JointTransform) -> SegmentationFolder:
     return out
 
 
-def build_segmentation_data(cfg: SegmentationData, spec: GraphSpec, seed: int) -> SegTaskData:
-    """Check the model fits the data (a segmenter of as many classes), then load and check every pair."""
+def build_segmentation_data(cfg: SegmentationData, spec: GraphSpec, seed: int,
+                            check_classes: bool = True) -> SegTaskData:
+    """Check the model fits the data (a segmenter, of as many classes unless ``check_classes`` is
+    off because an adapt pass resets the head), then load and check every pair."""
     names, ignore = _classes(cfg)
     if spec.task != "segmentation":
         raise EdgeVitError(f"data.source: segmentation needs a segmentation model (per-pixel logits); the model "
                            f"is a {spec.task} model")
-    if spec.num_classes != len(names):
+    if check_classes and spec.num_classes != len(names):
         what = f"preset {cfg.preset}" if cfg.preset else "data.classes"
         raise EdgeVitError(f"data: {what} has {len(names)} classes but the model outputs {spec.num_classes}; "
                            "give a model with as many classes or fix the class list")

@@ -250,15 +250,16 @@ def _check_array(x: np.ndarray, where: str, to_rgb: bool) -> np.ndarray:
 
 
 def build_data(cfg: ImageFolderData | DigitsData | NpzData | SegmentationData, spec: GraphSpec,
-               seed: int) -> TaskData:
+               seed: int, check_classes: bool = True) -> TaskData:
     """Load and check the data set before any stage runs; image size and normalisation come
-    from the model so the data always fits it."""
+    from the model so the data always fits it. ``check_classes=False``: a segmentation model
+    may have another class count (an ``adapt`` pass first gives it a new head)."""
     if spec.in_chans != 3:
         raise EdgeVitError(f"model: expects {spec.in_chans} input channels; edgevit data sources give RGB")
     if isinstance(cfg, SegmentationData):
         from edgevit.data.seg_data import build_segmentation_data
 
-        return build_segmentation_data(cfg, spec, seed)
+        return build_segmentation_data(cfg, spec, seed, check_classes)
     if spec.task != "classification":
         raise EdgeVitError(f"data.source: {cfg.source} gives one label per image, but the model is a {spec.task} "
                            "model; use data.source: segmentation (image and mask folders)")

@@ -10,7 +10,7 @@ from edgevit.passes.base import Pass, PassConfig
 from edgevit.training.loop import TrainConfig
 from edgevit.training.task import SegLossConfig, TaskObjective, check_seg_loss, task_loss
 from edgevit.training.tuned import train_tuned
-from edgevit.tuners import FullConfig, TunerConfig
+from edgevit.tuners import FullConfig, TunerConfig, check_tuner_task
 
 
 class AdaptConfig(PassConfig, TrainConfig, SegLossConfig):
@@ -31,6 +31,7 @@ class AdaptPass(Pass):
     @classmethod
     def preflight(cls, config: PassConfig, ctx: RunContext, where: str) -> None:
         check_seg_loss(config, ctx.data, where)  # type: ignore[arg-type]
+        check_tuner_task(config.tuner, ctx.data.task, where)  # type: ignore[attr-defined]
 
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
         cfg: AdaptConfig = self.config  # type: ignore[assignment]

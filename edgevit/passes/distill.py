@@ -18,9 +18,9 @@ from edgevit.graph import ModelGraph
 from edgevit.models.sources import LoadedTeacher, ModelSource, load_model, load_teacher
 from edgevit.passes.base import Pass, PassConfig
 from edgevit.training.loop import TrainConfig
-from edgevit.training.task import task_loss
+from edgevit.training.task import SegLossConfig, check_seg_loss, task_loss
 from edgevit.training.tuned import train_tuned
-from edgevit.tuners import FullConfig, TunerConfig
+from edgevit.tuners import FullConfig, TunerConfig, check_tuner_task
 
 
 class StudentConfig(BaseModel):
@@ -37,7 +37,7 @@ class StudentConfig(BaseModel):
         return self
 
 
-class DistillConfig(PassConfig, TrainConfig, LossConfig):
+class DistillConfig(PassConfig, TrainConfig, LossConfig, SegLossConfig):
     student: StudentConfig = Field(description="shrink: {depth, num_heads, mlp_ratio} or model: <model source>")
     teacher: ModelSource | None = Field(
         None, description="default: the run's teacher (the latest adapt output, else the input model)")
@@ -53,6 +53,11 @@ class DistillPass(Pass):
     Config = DistillConfig
     summary = "train a smaller student from the teacher: CE + logit KD + feature mimicking + MGD"
     distributed = True
+
+    @classmethod
+    def preflight(cls, config: PassConfig, ctx: RunContext, where: str) -> None:
+        check_seg_loss(config, ctx.data, where)  # type: ignore[arg-type]
+        check_tuner_task(config.tuner, ctx.data.task, where)  # type: ignore[attr-defined]
 
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
         cfg: DistillConfig = self.config  # type: ignore[assignment]
@@ -71,6 +76,7 @@ class DistillPass(Pass):
                               "are off; distilling logits only")
             losses = cfg.model_copy(update={"feature": 0.0, "mgd": 0.0})
         layers: dict[str, dict[int, int]] = {}
+        loss = task_loss(ctx.data, cfg.label_smoothing, cfg, "passes.distill")  # once: class weights read the masks
 
         def objective(g: ModelGraph) -> DistillObjective:
             o = DistillObjective(losses, g.module, g.spec, teacher.module, t_spec,
@@ -78,7 +84,7 @@ class DistillPass(Pass):
                                  label_smoothing=cfg.label_smoothing, where="passes.distill",
                                  student_adapter=g.adapter,
                                  teacher_adapter=teacher.graph.adapter if teacher.graph else None,
-                                 task_loss=task_loss(ctx.data, cfg.label_smoothing))
+                                 task_loss=loss)
             layers.update(feature=o.feature_layers, mgd=o.mgd_layers)
             return o
 

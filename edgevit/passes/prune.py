@@ -26,13 +26,14 @@ from edgevit.prune.importance import magnitude_scores, taylor_scores
 from edgevit.prune.plan import PlanConfig, global_counts, plan
 from edgevit.prune.reconstruct import HEAD_SIZES, UNIT_SIZES, SearchSizes, osscar_model
 from edgevit.training.loop import TrainConfig
-from edgevit.training.task import task_loss
+from edgevit.training.task import SegLossConfig, check_seg_loss, task_loss
 from edgevit.training.tuned import train_tuned
-from edgevit.tuners import FullConfig, TunerConfig
+from edgevit.tuners import FullConfig, TunerConfig, check_tuner_task
 
 
-class RecoverConfig(TrainConfig, LossConfig):
-    """Fine-tuning after pruning; by default CE + logit KD from the unpruned model."""
+class RecoverConfig(TrainConfig, LossConfig, SegLossConfig):
+    """Fine-tuning after pruning; by default CE + logit KD from the unpruned model (segmentation:
+    per-pixel, with the ``class_weights``/``ohem`` options)."""
 
     feature: float = Field(0.0, ge=0)
     mgd: float = Field(0.0, ge=0)
@@ -71,6 +72,13 @@ class PrunePass(Pass):
     Config = PruneConfig
     summary = "remove attention heads and MLP units (magnitude / taylor / osscar re-fit); optional recovery"
     distributed = True  # recovery trains on every rank; the one-shot part is deterministic
+
+    @classmethod
+    def preflight(cls, config: PassConfig, ctx: RunContext, where: str) -> None:
+        recover = config.recover  # type: ignore[attr-defined]
+        if recover is not None:
+            check_seg_loss(recover, ctx.data, f"{where}.recover")
+            check_tuner_task(recover.tuner, ctx.data.task, f"{where}.recover")
 
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
         cfg: PruneConfig = self.config  # type: ignore[assignment]
@@ -134,12 +142,14 @@ class PrunePass(Pass):
             self.metrics["recover_teacher"] = ("unpruned" if r.teacher is None
                                                else r.teacher.model_dump(mode="json", exclude_none=True))
 
+            loss = task_loss(ctx.data, r.label_smoothing, r, "passes.prune.recover")
+
             def objective(g: ModelGraph) -> DistillObjective:
                 return DistillObjective(r, g.module, g.spec, teacher.module, t_spec,
                                         teacher_input(g.spec, teacher.mean, teacher.std, size), r.label_smoothing,
                                         where="passes.prune.recover", student_adapter=g.adapter,
                                         teacher_adapter=teacher.graph.adapter if teacher.graph else None,
-                                        task_loss=task_loss(ctx.data, r.label_smoothing))
+                                        task_loss=loss)
 
             self.metrics["recover"] = train_tuned(graph, objective, r, r.tuner, ctx, "recover")
             graph.module.cpu().eval()

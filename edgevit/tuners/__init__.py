@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
 
+from edgevit.errors import EdgeVitError
 from edgevit.graph.extension import SideModule
 from edgevit.graph.spec import GraphSpec
 from edgevit.tuners.base import Tuner
@@ -25,6 +26,14 @@ TUNERS: dict[str, tuple[type, type[Tuner]]] = {
     "disentangled": (DisentangledConfig, DisentangledTuner),
 }
 SIDES: dict[str, type[SideModule]] = {"losa": SideNetwork, "disentangled": QueryExtraction}
+
+
+def check_tuner_task(tuner: Any, task: str, where: str) -> None:
+    """Before any stage runs: LoSA and disentangled add a side module that predicts one class per
+    image, which a segmenter cannot use (``ModelGraph._attach_side`` refuses it too, later)."""
+    if task == "segmentation" and tuner.name in SIDES:
+        raise EdgeVitError(f"{where}.tuner: {tuner.name}'s side module predicts one class per image; a "
+                           "segmenter's decode head reads the backbone's tokens itself; use tuner full or slicefine")
 
 
 def _shorthand(value: Any) -> Any:
