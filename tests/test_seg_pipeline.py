@@ -63,15 +63,6 @@ def _recipe(base: Path, passes: list[dict], **over: object) -> dict:
             "calibration": {"num_samples": 8}, "passes": passes, **over}
 
 
-@pytest.fixture
-def no_notes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """report.py's stage notes read classification keys (``val_top1``) of a recovery; the report
-    belongs to another change, so the notes are left out here (the stage files are what is tested)."""
-    import edgevit.report
-
-    monkeypatch.setattr(edgevit.report, "stage_notes", lambda report: [])
-
-
 TRAIN = {"warmup_epochs": 0, "label_smoothing": 0.0, "amp": False}
 PIXEL = {"class_weights": "median_frequency", "ohem": {"thresh": 0.9, "min_kept": 2000}}
 
@@ -88,15 +79,20 @@ def _reload_outputs(dirs: list[Path], x_path: Path) -> dict[str, list]:
     return json.loads(res.stdout.splitlines()[-1])
 
 
-def test_adapt_distill_prune_on_a_segmenter(seg_folder: Path, tmp_path: Path, no_notes: None) -> None:
+def test_a_segmentation_run_through_every_pass(seg_folder: Path, tmp_path: Path) -> None:
+    """adapt → distill → prune → export → quantize → bundle → benchmark for jetson-nano: every
+    stage scored in mIoU, the bundle a segmentation bundle, the stage directories reloadable."""
     passes = [
         {"adapt": {"epochs": 3, "lr": 0.003, **TRAIN, **PIXEL}},
         {"distill": {"student": {"shrink": {"depth": 2, "num_heads": 2}}, "epochs": 2, "lr": 0.002, "kd_loss": "mse",
                      **TRAIN, **PIXEL}},
         {"prune": {"method": "osscar", "heads": 0.5, "mlp": 0.5,
                    "recover": {"epochs": 1, "lr": 0.001, "kd_loss": "mse", **TRAIN, **PIXEL}}},
+        {"export": {}}, {"quantize": {"precision": "fp16"}}, {"bundle": {"validation_samples": 8}},
+        {"benchmark": {"runs": 3, "warmup": 1}},
     ]
-    recipe = _recipe(seg_folder, passes, model=_model(num_classes=5))  # 5 → 3 classes: adapt resets the head
+    recipe = _recipe(seg_folder, passes, model=_model(num_classes=5),  # 5 → 3 classes: adapt resets the head
+                     profile="jetson-nano")
     report, out = run_pipeline(recipe, tmp_path / "run")
     lines = out.splitlines()
     assert "recipe seg (segmentation, 3 classes)" in lines[0]
@@ -130,6 +126,17 @@ def test_adapt_distill_prune_on_a_segmenter(seg_folder: Path, tmp_path: Path, no
     fresh = _reload_outputs(dirs, tmp_path / "x.pt")
     for d in map(str, dirs):
         assert np.allclose(fresh[d], here[d], atol=1e-5), d
+    # the deploy half: per-pixel parity, FP16 judged in mIoU, a segmentation bundle, mIoU per stage
+    export = json.loads((run / "04-export" / "metrics.json").read_text())["metrics"]
+    assert export["parity"]["pixel_agreement"] >= 0.99
+    quant = json.loads((run / "05-quantize" / "metrics.json").read_text())["metrics"]
+    assert {"miou", "miou_drop", "pixel_agreement"} <= set(quant)
+    bundle = json.loads(next((run / "06-bundle").rglob("bundle.json")).read_text())
+    assert bundle["task"] == "segmentation" and bundle["classes"] == CLASSES
+    measured = [s for s in report["stages"] if s.get("miou") is not None]
+    assert report["task"] == "segmentation" and len(measured) >= 5
+    assert all("top1" not in s or s["top1"] is None for s in measured)
+    assert any(s.get("predicted") for s in report["stages"])  # predicted on the Nano at the input size
 
 
 def test_a_segmenter_student_from_a_model_source(seg_folder: Path, tmp_path: Path) -> None:
