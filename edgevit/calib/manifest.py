@@ -7,7 +7,6 @@ Images that exist only in memory (digits, npz) are written as PNGs beside the ma
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgevit.errors import EdgeVitError
-from edgevit.fileio import read_json, write_json
+from edgevit.fileio import read_json, sha256_file, write_json
 
 FORMAT = "edgevit.calibration/1"
 
@@ -36,14 +35,6 @@ class Manifest(BaseModel):
     split: str
     classes: list[str]
     images: list[ManifestImage]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_manifest(data: Any, n: int, seed: int, split: str, out: Path) -> Manifest:

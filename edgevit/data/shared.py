@@ -14,7 +14,6 @@ never leaves a half-filled folder that looks finished."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgevit.errors import EdgeVitError
+from edgevit.fileio import sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = ".unpacked"
@@ -81,14 +81,6 @@ def _dataset(name: str) -> SharedDataset:
     return DATASETS[name]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def unpack(name: str, shared: Path | None = None, log: Callable[[str], None] = print) -> Path:
     """Unpack one shared data set (and copy its teacher) into the cache; a no-op once done."""
     ds = _dataset(name)
@@ -102,7 +94,7 @@ def unpack(name: str, shared: Path | None = None, log: Callable[[str], None] = p
                            f"{ds.archive}")
     out = dataset_dir(name)
     if not (out / MARKER).is_file():
-        got = _sha256(archive)
+        got = sha256_file(archive)
         if got != ds.sha256:
             raise EdgeVitError(f"data: {archive} has sha256 {got[:12]}…, expected {ds.sha256[:12]}…; the "
                                "archive is damaged or a different version: copy it again")
