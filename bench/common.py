@@ -11,10 +11,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's edgevit, also when run as `python bench/x.py`
 
-from edgevit.data.shared import dataset_dir, shared_root, teacher_path  # noqa: E402
+from edgevit.data.shared import cache_root, dataset_dir, shared_root, teacher_path  # noqa: E402
 from edgevit.data.shared import unpack as unpack_shared  # noqa: E402
 
 SHARED = shared_root() or REPO.parent / "shared" / "data"
+CACHE = cache_root()  # ~/.cache/edgevit (or $EDGEVIT_CACHE): teachers a bench trains are kept here
 SKIP = (f"{SHARED} has no cifar10-jpg-all.tar.gz / vit_cifar10_teacher.json "
         "(set EDGEVIT_SHARED_DATA to the folder that has them)")
 
