@@ -131,3 +131,27 @@ def run_pipeline(data: dict, out: Path) -> tuple[dict, str]:
     buf = io.StringIO()
     report = Pipeline(recipe, steps, out, reg, Console(file=buf, width=200)).run()
     return report, buf.getvalue()
+
+
+def outputs_in_a_fresh_process(stages: list[Path], x: torch.Tensor, tmp: Path,
+                               show: str = "") -> tuple[list[torch.Tensor], list[str]]:
+    """Load each saved stage in a new Python process and run it on ``x``: what a later run or
+    another machine gets. Same thread count as this process (bit-identical needs the same
+    reduction order). ``show`` is an expression of ``g`` printed per stage (e.g. its spec)."""
+    torch.save(x, tmp / "fresh_x.pt")
+    outs = [tmp / f"fresh_y{i}.pt" for i in range(len(stages))]
+    code = (
+        "import sys, torch\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"
+        "from edgevit.graph import ModelGraph\n"
+        "x = torch.load(sys.argv[1], weights_only=True)\n"
+        "for d, o in zip(sys.argv[2::2], sys.argv[3::2]):\n"
+        "    g = ModelGraph.load(d)\n"
+        "    with torch.no_grad(): torch.save(g.module.eval()(x), o)\n"
+        f"    print({show or repr('')})\n"
+    )
+    args = [a for d, o in zip(stages, outs, strict=True) for a in (str(d), str(o))]
+    res = subprocess.run([sys.executable, "-c", code, str(tmp / "fresh_x.pt"), *args], capture_output=True,
+                         text=True, cwd=REPO, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return [torch.load(o, weights_only=True) for o in outs], res.stdout.splitlines()

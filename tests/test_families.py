@@ -3,8 +3,6 @@ tiny configs built with timm's own classes (random weights, no hub)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
+from tests.conftest import outputs_in_a_fresh_process
 
 TINY_SWIN = dict(img_size=32, patch_size=2, num_classes=5, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
                  window_size=4, mlp_ratio=2.0)
@@ -199,18 +198,8 @@ def test_save_load_in_a_fresh_process(fam, tmp_path) -> None:
     g.reset_classifier(7)
     g.save(tmp_path / "stage")
     x = images(g)
-    torch.save(x, tmp_path / "x.pt")
-    code = (
-        "import torch\n"
-        f"torch.set_num_threads({torch.get_num_threads()})\n"  # bit-identical needs the same reduction order
-        "from edgevit.graph import ModelGraph\n"
-        f"g = ModelGraph.load({str(tmp_path / 'stage')!r})\n"
-        f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
-        "with torch.no_grad(): y = g.module(x)\n"
-        f"torch.save(y, {str(tmp_path / 'y.pt')!r})\n"
-    )
-    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), logits(g, x))
+    (y,), _ = outputs_in_a_fresh_process([tmp_path / "stage"], x, tmp_path)
+    assert torch.equal(y, logits(g, x))
 
 
 def test_keep_blocks_within_stages_and_reload(fam, tmp_path) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
+from tests.conftest import outputs_in_a_fresh_process
 
 X = torch.randn(3, 3, 32, 32)
 
@@ -113,21 +112,10 @@ def test_save_load_in_fresh_process(tiny_graph: ModelGraph, tmp_path) -> None:
     g.keep_heads(0, [1, 3])
     g.keep_mlp_units(1, range(0, 64, 3))
     g.save(tmp_path / "stage")
-    torch.save(X, tmp_path / "x.pt")
-    ref = logits(g)
-    code = (
-        "import sys, torch\n"
-        f"torch.set_num_threads({torch.get_num_threads()})\n"  # bit-identical needs the same reduction order
-        "from edgevit.graph import ModelGraph\n"
-        f"g = ModelGraph.load({str(tmp_path / 'stage')!r})\n"
-        f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
-        "with torch.no_grad(): y = g.module(x)\n"
-        f"torch.save(y, {str(tmp_path / 'y.pt')!r})\n"
-        "print(g.spec.blocks[0].attn.num_heads, g.spec.blocks[1].mlp.hidden)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["2", "22"]
-    assert torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), ref)
+    (y,), shown = outputs_in_a_fresh_process([tmp_path / "stage"], X, tmp_path,
+                                             "g.spec.blocks[0].attn.num_heads, g.spec.blocks[1].mlp.hidden")
+    assert shown == ["2 22"]
+    assert torch.equal(y, logits(g))
 
 
 def test_load_refuses_mismatched_weights(tiny_graph: ModelGraph, tmp_path) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
 from edgevit.graph.adapters.segmenter import SegmenterAdapter
 from edgevit.models.sources import SegmenterSource, load_model
+from tests.conftest import outputs_in_a_fresh_process
 
 BACKBONE = dict(img_size=(32, 48), patch_size=8, num_classes=0, global_pool="", class_token=False, embed_dim=32,
                 depth=4, num_heads=4, mlp_ratio=2.0)
@@ -148,22 +147,11 @@ def test_save_load_in_fresh_process(tmp_path: Path) -> None:
     g.keep_blocks([0, 2, 3])
     g.reset_classifier(7)
     g.save(tmp_path / "stage")
-    torch.save(X, tmp_path / "x.pt")
-    ref = logits(g)
-    code = (
-        "import torch\n"
-        f"torch.set_num_threads({torch.get_num_threads()})\n"  # bit-identical needs the same reduction order
-        "from edgevit.graph import ModelGraph\n"
-        f"g = ModelGraph.load({str(tmp_path / 'stage')!r})\n"
-        f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
-        "with torch.no_grad(): y = g.module(x)\n"
-        f"torch.save(y, {str(tmp_path / 'y.pt')!r})\n"
-        "print(g.spec.task, g.spec.decoder.taps, g.spec.num_classes, g.spec.blocks[0].attn.num_heads)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["segmentation", "[0,", "2]", "7", "2"]
-    y = torch.load(tmp_path / "y.pt", weights_only=True)
-    assert y.shape == (2, 7, 32, 48) and torch.equal(y, ref)
+    (y,), shown = outputs_in_a_fresh_process(
+        [tmp_path / "stage"], X, tmp_path,
+        "g.spec.task, g.spec.decoder.taps, g.spec.num_classes, g.spec.blocks[0].attn.num_heads")
+    assert shown == ["segmentation [0, 2] 7 2"]
+    assert y.shape == (2, 7, 32, 48) and torch.equal(y, logits(g))
 
 
 def test_cost_matches_torch_flop_counter(seg: ModelGraph) -> None:
