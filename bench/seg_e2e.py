@@ -87,7 +87,9 @@ def _stage_figures(report: dict[str, Any], why: list[str]) -> tuple[float, float
     if not stages:
         why.append("the run's report has no stages")
         return nan, nan, nan, False
-    first, last = stages[0], stages[-1]
+    first = stages[0]
+    # the last *measured* stage: a bundle holds the previous stage's file and is not timed again
+    last = next((s for s in reversed(stages) if s.get("host_latency")), stages[-1])
     flops = first["flops"] / last["flops"] if first.get("flops") and last.get("flops") else nan
     lat = [(s.get("host_latency") or {}).get("median_ms") for s in (first, last)]
     host = lat[0] / lat[1] if all(lat) else nan
