@@ -51,16 +51,14 @@ def worker(name: str, device: str, batch: int, steps: int) -> dict:
     from timm.models.vision_transformer import VisionTransformer
 
     from edgevit.graph import ModelGraph
-    from edgevit.tuners import TUNERS as CONFIGS
-    from edgevit.tuners import make_tuner
+    from edgevit.tuners import make_tuner, tuner_class
     from edgevit.tuners.base import count
-    from edgevit.tuners.disentangled import DisentangledConfig  # noqa: F401
 
     torch.manual_seed(0)
     dev = torch.device(device)
     g = ModelGraph.from_module(VisionTransformer(**VIT_S), {"architecture": "VisionTransformer", "kwargs": VIT_S})
     base_params = g.num_params()
-    cfg = CONFIGS[name][0].model_validate(TUNERS[name])
+    cfg = tuner_class(name).Config.model_validate(TUNERS[name])
     tuner = make_tuner(cfg)
     params = tuner.setup(g)
     g.module.to(dev).train()

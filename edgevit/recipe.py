@@ -1,7 +1,8 @@
 """Recipes: one YAML file says which model, which data, which passes in which order.
 
 Validation is strict everywhere (unknown keys are errors naming their path), pass configs
-are validated by each pass's own ``Config`` and paths resolve against the recipe's folder.
+are validated by each pass's own ``Config`` (a tuner inside one by the registered tuner's
+``Config``) and paths resolve against the recipe's folder.
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ def parse_recipe(data: dict[str, Any], base: Path, registry: Any) -> tuple[Recip
         name, raw = next(iter(item.items()))
         cls = registry.get("passes", name, where=f"passes[{i}]")
         try:
-            config = cls.Config.model_validate(raw or {})
+            # nested fields that name registry entries (a tuner) resolve in this run's registry
+            config = cls.Config.model_validate(raw or {}, context={"registry": registry})
         except ValidationError as e:
             raise EdgeVitError(_format_error(e, f"passes[{i}].{name}", cls.Config)) from e
         steps.append(PassStep(i, name, cls, config))

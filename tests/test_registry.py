@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from pydantic import BaseModel
 
@@ -49,8 +50,10 @@ class DemoPass(Pass):
 '''
 
 
-def make_dist(root: Path, dist: str, entry_points: dict[str, str], source: str | None = None) -> Path:
-    """A minimal installed distribution ``dist`` under ``root``: a package and its dist-info."""
+def make_dist(root: Path, dist: str, entry_points: dict[str, str], source: str | None = None,
+              group: str = "passes") -> Path:
+    """A minimal installed distribution ``dist`` under ``root``: a package and its dist-info,
+    its ``entry_points`` in the ``edgevit.<group>`` entry-point group."""
     if source is not None:
         pkg = root / dist
         pkg.mkdir(parents=True)
@@ -59,7 +62,7 @@ def make_dist(root: Path, dist: str, entry_points: dict[str, str], source: str |
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
     lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[edgevit.passes]\n{lines}")
+    (info / "entry_points.txt").write_text(f"[edgevit.{group}]\n{lines}")
     return root
 
 
@@ -128,7 +131,7 @@ def test_plugin_is_invisible_without_its_dist(tmp_path: Path, monkeypatch: pytes
 
 def test_edits_sides_and_tuners_are_registered() -> None:
     from edgevit.graph.extension import SideModule
-    from edgevit.tuners.base import Tuner
+    from edgevit.tuners.base import Tuner, TunerConfigBase
 
     reg = Registry(plugins=False)
     assert set(reg.names("edits")) >= {"keep_heads", "keep_mlp_units", "keep_blocks", "reset_classifier",
@@ -140,6 +143,10 @@ def test_edits_sides_and_tuners_are_registered() -> None:
     for name in reg.names("tuners"):
         cls = reg.get("tuners", name)
         assert issubclass(cls, Tuner) and cls.name == name
+        # each tuner carries its strict config, and a side module it attaches is a registered one
+        assert issubclass(cls.Config, TunerConfigBase) and cls.Config.model_config.get("extra") == "forbid"
+        assert cls.side is None or reg.get("sides", cls.side).kind == cls.side
+    assert {n for n in reg.names("tuners") if reg.get("tuners", n).side} == {"losa", "disentangled"}
     with pytest.raises(EdgeVitError, match="unknown graph edit 'keep_head' \\(did you mean 'keep_heads'"):
         reg.get("edits", "keep_head")
 
@@ -246,3 +253,155 @@ def test_refusals_name_the_model_as_the_user_gave_it() -> None:
     cfg = ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], num_labels=3)
     with pytest.raises(EdgeVitError, match="^model: Hugging Face ConvNextForImageClassification is not a supported"):
         reg.adapter_for(HFImageClassifier(ConvNextForImageClassification(cfg)))
+
+
+# plugin tuners --------------------------------------------------------------------------------
+TUNER_PLUGIN_SOURCE = '''
+"""A third-party tuner for the registry tests: trains only the LayerNorms of chosen blocks."""
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from edgevit.tuners.base import Tuner, TunerConfigBase, count, freeze_all, unfreeze_all
+
+
+class NormsConfig(TunerConfigBase):
+    name: Literal["pluginnorms"] = "pluginnorms"
+    blocks: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0])
+    head: bool = True
+
+
+class NormsTuner(Tuner):
+    name = "pluginnorms"
+    Config = NormsConfig
+
+    def setup(self, graph):
+        freeze_all(graph.module)
+        paths = [p for b in self.cfg.blocks for p in (graph.spec.block(b).norm1, graph.spec.block(b).norm2)]
+        paths += list(graph.spec.classifiers) if self.cfg.head else []
+        params = []
+        for path in paths:
+            for n, p in graph.module.get_submodule(path).named_parameters():
+                p.requires_grad_(True)
+                params.append((f"{path}.{n}", p))
+        self.trainable, self.steps = count(params), 0
+        return params
+
+    def after_step(self, step, optimizer):
+        self.steps += 1
+
+    def finish(self, graph):
+        unfreeze_all(graph.module)
+
+    def summary(self):
+        return {"name": self.name, "trainable_params": self.trainable, "added_params": 0, "steps": self.steps}
+
+
+class SideConfig(TunerConfigBase):
+    name: Literal["pluginside"] = "pluginside"
+
+
+class SideTuner(Tuner):
+    """Declares a side module (never trained here): only its ``side`` attribute is under test."""
+
+    name = "pluginside"
+    Config = SideConfig
+    side = "pluginsidemodule"
+
+
+class NotATuner:
+    name = "notatuner"
+'''
+
+
+@pytest.fixture
+def tuner_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = make_dist(tmp_path / "tsite", "edgevit_plugin_tuner",
+                     {"pluginnorms": "edgevit_plugin_tuner:NormsTuner", "pluginside": "edgevit_plugin_tuner:SideTuner",
+                      "notatuner": "edgevit_plugin_tuner:NotATuner"},
+                     TUNER_PLUGIN_SOURCE, group="tuners")
+    monkeypatch.syspath_prepend(str(root))
+    yield root
+    sys.modules.pop("edgevit_plugin_tuner", None)
+
+
+def test_plugin_tuner_named_in_a_recipe_trains_only_what_it_chose(tuner_plugin: Path, tmp_path: Path) -> None:
+    """adapt and distill build the plugin's tuner from its recipe name: adapt changes exactly the
+    LayerNorms of the block the recipe chose, and distill keeps its feature losses (no side module)."""
+    from edgevit.graph import ModelGraph
+    from edgevit.recipe import parse_recipe
+    from tests.conftest import run_pipeline
+
+    passes = [{"adapt": {"epochs": 1, "lr": 0.01, "warmup_epochs": 0,
+                         "tuner": {"name": "pluginnorms", "blocks": [1], "head": False}}},
+              {"distill": {"student": {"shrink": {"depth": 1}}, "epochs": 1, "warmup_epochs": 0,
+                           "tuner": "pluginnorms"}}]
+    data = tiny_recipe_data(passes=passes)
+    with pytest.raises(EdgeVitError, match=r"^passes\[0\]\.adapt\.tuner: unknown tuner 'pluginnorms'"):
+        parse_recipe(yaml.safe_load(yaml.safe_dump(data)), tmp_path, Registry(plugins=False))  # only by the registry
+    report, log = run_pipeline(data, tmp_path / "run")
+    adapt = json.loads((tmp_path / "run" / "01-adapt" / "metrics.json").read_text())
+    assert adapt["config"]["tuner"] == {"name": "pluginnorms", "blocks": [1], "head": False}
+    m = adapt["metrics"]["tuner"]
+    embed = 32
+    assert m == {"name": "pluginnorms", "trainable_params": 4 * embed, "added_params": 0, "steps": m["steps"]}
+    assert m["steps"] > 0 and "tuner pluginnorms: 128 trainable parameters, 0 added" in log
+    before = dict(ModelGraph.load(tmp_path / "run" / "00-source").module.named_parameters())
+    after = dict(ModelGraph.load(tmp_path / "run" / "01-adapt").module.named_parameters())
+    changed = {n for n, p in after.items() if not torch.equal(p, before[n])}
+    assert changed == {f"blocks.1.{norm}.{w}" for norm in ("norm1", "norm2") for w in ("weight", "bias")}
+    distill = json.loads((tmp_path / "run" / "02-distill" / "metrics.json").read_text())["metrics"]
+    assert distill["tuner"]["name"] == "pluginnorms" and distill["tuner"]["steps"] > 0
+    assert distill["tuner"]["trainable_params"] == 4 * embed + (embed + 1) * 10  # block 0's norms + the head
+    assert "feature mimicking and MGD are off" not in log
+
+
+def test_plugin_tuner_config_errors_are_one_line_with_the_path(tuner_plugin: Path, tmp_path: Path) -> None:
+    from edgevit.recipe import parse_recipe
+
+    cases = [
+        ([{"distill": {"student": {"shrink": {"depth": 1}}, "tuner": {"name": "pluginnorms", "blocks": [-1]}}}],
+         r"passes[0].distill.tuner.blocks[0]: Input should be greater than or equal to 0"),
+        ([{"export": {}}, {"prune": {"recover": {"tuner": {"name": "pluginnorms", "hed": False}}}}],
+         r"passes[1].prune.recover.tuner.hed: unknown key"),
+        ([{"adapt": {"tuner": {"name": "pluginnorms", "head": "sometimes"}}}],
+         r"passes[0].adapt.tuner.head: Input should be a valid boolean"),
+        ([{"adapt": {"tuner": "notatuner"}}],
+         r"passes[0].adapt.tuner: tuner 'notatuner' from edgevit_plugin_tuner is not an edgevit.tuners.base.Tuner"),
+    ]
+    for passes, expected in cases:
+        with pytest.raises(EdgeVitError) as exc:
+            parse_recipe(tiny_recipe_data(passes=passes), tmp_path, Registry())
+        msg = str(exc.value)
+        assert msg.startswith(expected) and "\n" not in msg, msg
+    # a config built in Python (no validation context) finds the plugin through a fresh registry
+    from edgevit.passes.adapt import AdaptConfig
+
+    assert AdaptConfig(tuner={"name": "pluginnorms", "blocks": [0, 1]}).tuner.blocks == [0, 1]
+    assert AdaptConfig().tuner.name == "full"
+
+
+def test_a_plugin_tuners_side_module_is_its_class_property(tuner_plugin: Path) -> None:
+    """Whether a tuner suits a segmenter is read from the registered class, not a list of names."""
+    from edgevit.passes.adapt import AdaptConfig
+    from edgevit.tuners import check_tuner_task
+
+    reg = Registry()
+    check_tuner_task(AdaptConfig(tuner="pluginnorms").tuner, "segmentation", "passes[0].adapt", reg)
+    with pytest.raises(EdgeVitError, match=r"^passes\[0\]\.adapt\.tuner: pluginside's side module predicts one class"):
+        check_tuner_task(AdaptConfig(tuner="pluginside").tuner, "segmentation", "passes[0].adapt", reg)
+    check_tuner_task(AdaptConfig(tuner="pluginside").tuner, "classification", "passes[0].adapt", reg)
+
+
+def test_unknown_tuner_lists_the_registered_ones_through_the_cli(tuner_plugin: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_bad_input import assert_user_error
+
+    _with_pythonpath(monkeypatch, tuner_plugin)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_data(passes=[{"adapt": {"tuner": {"name": "pluginnrms"}}}])))
+    res = run_cli("compress", str(recipe), "--out", str(tmp_path / "run"))
+    assert_user_error(res, "passes[0].adapt.tuner: unknown tuner 'pluginnrms' (did you mean 'pluginnorms'?)",
+                      "available: disentangled, full, losa, notatuner, pluginnorms, pluginside, slicefine")
+    assert not (tmp_path / "run").exists()

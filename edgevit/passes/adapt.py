@@ -15,8 +15,8 @@ from edgevit.tuners import FullConfig, TunerConfig, check_tuner_task
 
 class AdaptConfig(PassConfig, TrainConfig, SegLossConfig):
     tuner: TunerConfig = Field(
-        default_factory=FullConfig, description="which parameters train: full | slicefine | losa | "
-        "disentangled (a string, or a mapping with `name` and options)")
+        default_factory=FullConfig, description="which parameters train: a registered tuner (full | slicefine | "
+        "losa | disentangled, or a plugin's), a name or a mapping with `name` and its options")
     reset_head: bool | None = Field(
         None, description="new classifier head; default: only when the data's class count differs"
     )
@@ -31,7 +31,7 @@ class AdaptPass(Pass):
     @classmethod
     def preflight(cls, config: PassConfig, ctx: RunContext, where: str) -> None:
         check_seg_loss(config, ctx.data, where)  # type: ignore[arg-type]
-        check_tuner_task(config.tuner, ctx.data.task, where)  # type: ignore[attr-defined]
+        check_tuner_task(config.tuner, ctx.data.task, where, ctx.registry)  # type: ignore[attr-defined]
 
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
         cfg: AdaptConfig = self.config  # type: ignore[assignment]

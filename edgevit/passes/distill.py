@@ -20,7 +20,7 @@ from edgevit.passes.base import Pass, PassConfig
 from edgevit.training.loop import TrainConfig
 from edgevit.training.task import SegLossConfig, check_seg_loss, task_loss
 from edgevit.training.tuned import train_tuned
-from edgevit.tuners import FullConfig, TunerConfig, check_tuner_task
+from edgevit.tuners import FullConfig, TunerConfig, check_tuner_task, tuner_class
 
 
 class StudentConfig(BaseModel):
@@ -44,8 +44,9 @@ class DistillConfig(PassConfig, TrainConfig, LossConfig, SegLossConfig):
     teacher_img_size: tuple[int, int] | None = Field(
         None, description="input size of a non-ViT teacher (default: the data's size)")
     tuner: TunerConfig = Field(
-        default_factory=FullConfig, description="which student parameters train: full | slicefine | losa | "
-        "disentangled (losa/disentangled freeze the student's blocks: logit KD only)")
+        default_factory=FullConfig, description="which student parameters train: a registered tuner (full | "
+        "slicefine | losa | disentangled, or a plugin's); one with a side module (losa, disentangled) freezes the "
+        "student's blocks: logit KD only")
 
 
 class DistillPass(Pass):
@@ -57,7 +58,7 @@ class DistillPass(Pass):
     @classmethod
     def preflight(cls, config: PassConfig, ctx: RunContext, where: str) -> None:
         check_seg_loss(config, ctx.data, where)  # type: ignore[arg-type]
-        check_tuner_task(config.tuner, ctx.data.task, where)  # type: ignore[attr-defined]
+        check_tuner_task(config.tuner, ctx.data.task, where, ctx.registry)  # type: ignore[attr-defined]
 
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
         cfg: DistillConfig = self.config  # type: ignore[assignment]
@@ -71,7 +72,7 @@ class DistillPass(Pass):
         t_spec = teacher.graph.spec if teacher.graph is not None else None
         size = t_spec.img_size if t_spec is not None else (cfg.teacher_img_size or graph.spec.img_size)
         losses = cfg
-        if cfg.tuner.name in ("losa", "disentangled") and (cfg.feature or cfg.mgd):
+        if tuner_class(cfg.tuner.name, ctx.registry).side is not None and (cfg.feature or cfg.mgd):
             ctx.console.print(f"  tuner {cfg.tuner.name} freezes the student's blocks, so feature mimicking and MGD "
                               "are off; distilling logits only")
             losses = cfg.model_copy(update={"feature": 0.0, "mgd": 0.0})

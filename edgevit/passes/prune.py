@@ -41,7 +41,8 @@ class RecoverConfig(TrainConfig, LossConfig, SegLossConfig):
         None, description="whom recovery distils from; default: the unpruned model. A model source, e.g. "
         "{source: edgevit, path: runs/x/01-adapt} (a stage directory) or a timm checkpoint")
     tuner: TunerConfig = Field(
-        default_factory=FullConfig, description="which parameters recover: full | slicefine | losa | disentangled")
+        default_factory=FullConfig, description="which parameters recover: a registered tuner (full | slicefine | "
+        "losa | disentangled, or a plugin's)")
 
 
 class SearchStep(BaseModel):
@@ -78,7 +79,7 @@ class PrunePass(Pass):
         recover = config.recover  # type: ignore[attr-defined]
         if recover is not None:
             check_seg_loss(recover, ctx.data, f"{where}.recover")
-            check_tuner_task(recover.tuner, ctx.data.task, f"{where}.recover")
+            check_tuner_task(recover.tuner, ctx.data.task, f"{where}.recover", ctx.registry)
 
     def run(self, graph: ModelGraph, ctx: RunContext) -> ModelGraph:
         cfg: PruneConfig = self.config  # type: ignore[assignment]

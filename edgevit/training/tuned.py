@@ -1,5 +1,6 @@
-"""Train a graph with the tuner its pass config names: the tuner prepares the graph and picks
-the parameters, the one training loop trains them, the tuner leaves the graph exportable."""
+"""Train a graph with the tuner its pass config names (found in the run's registry): the tuner
+prepares the graph and picks the parameters, the one training loop trains them, the tuner
+leaves the graph exportable."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from edgevit.tuners import make_tuner
 def train_tuned(graph: ModelGraph, make_objective: Callable[[ModelGraph], Objective], cfg: TrainConfig,
                 tuner_cfg: Any, ctx: RunContext, description: str) -> dict[str, Any]:
     """``make_objective`` is called after the tuner set the graph up (a side module may wrap it)."""
-    tuner = make_tuner(tuner_cfg)
+    tuner = make_tuner(tuner_cfg, ctx.registry)
     params = tuner.setup(graph)
     objective = make_objective(graph)
     try:

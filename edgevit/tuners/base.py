@@ -3,19 +3,39 @@ training loop stays one (``edgevit.training.loop.train``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from edgevit.graph import ModelGraph
 
 
+class TunerConfigBase(BaseModel):
+    """Base of every tuner's ``Config``: unknown keys are errors, and ``name`` is the tuner's
+    registry name (a recipe's ``tuner: {name: ..., <options>}``), which finds the tuner again
+    when the training pass builds it."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
 class Tuner:
     """``setup`` prepares the graph and returns the parameters to train; ``start``/``after_step``
     run inside the loop (SliceFine moves its slices there); ``finish`` leaves the graph in its
-    final, exportable form; ``summary`` is what the report says about the tuner."""
+    final, exportable form; ``summary`` is what the report says about the tuner.
 
-    name = ""
+    A tuner is found by ``name`` in the registry's ``tuners`` group (a plugin adds one through
+    the ``edgevit.tuners`` entry points); ``Config`` validates its recipe options; ``side`` is
+    the ``sides`` kind of the side module it attaches (``None``: it trains the model's own
+    parameters), which tells the passes that the backbone stays frozen."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[TunerConfigBase]]
+    side: ClassVar[str | None] = None
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
 
     def setup(self, graph: ModelGraph) -> list[tuple[str, nn.Parameter]]:
         raise NotImplementedError

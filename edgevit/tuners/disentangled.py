@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from edgevit.errors import EdgeVitError
@@ -34,11 +34,10 @@ from edgevit.graph import ModelGraph
 from edgevit.graph.adapters.base import BlockBranches
 from edgevit.graph.extension import BlockFeatures, SideModule
 from edgevit.graph.spec import BlockSpec, GraphSpec
-from edgevit.tuners.base import Tuner, count, train_side_only
+from edgevit.tuners.base import Tuner, TunerConfigBase, count, train_side_only
 
 
-class DisentangledConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DisentangledConfig(TunerConfigBase):
     name: Literal["disentangled"]
     num_queries: int = Field(4, ge=1, description="learnable query tokens per layer")
     adapter_dim: int = Field(48, ge=1, description="bottleneck of the query adapters and the head adapter")
@@ -192,6 +191,8 @@ class QueryExtraction(SideModule):
 
 class DisentangledTuner(Tuner):
     name = "disentangled"
+    Config = DisentangledConfig
+    side = QueryExtraction.kind
 
     def __init__(self, cfg: DisentangledConfig) -> None:
         self.cfg = cfg

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
-from edgevit.tuners.base import Tuner, count, unfreeze_all
+from edgevit.tuners.base import Tuner, TunerConfigBase, count, unfreeze_all
 
 
-class FullConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FullConfig(TunerConfigBase):
     name: Literal["full"] = "full"
 
 
 class FullTuner(Tuner):
     name = "full"
+    Config = FullConfig
 
     def __init__(self, cfg: FullConfig) -> None:
         self.cfg = cfg

@@ -21,17 +21,16 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from edgevit.graph import ModelGraph
 from edgevit.graph.extension import BlockFeatures, SideModule
 from edgevit.graph.spec import GraphSpec
-from edgevit.tuners.base import Tuner, count, train_side_only
+from edgevit.tuners.base import Tuner, TunerConfigBase, count, train_side_only
 
 
-class LoSAConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class LoSAConfig(TunerConfigBase):
     name: Literal["losa"]
     rank: int = Field(16, ge=1, description="channel bottleneck of each mixer (D → rank → D)")
     token_rank: int = Field(8, ge=1, description="token bottleneck of each mixer (N → token_rank → N)")
@@ -116,6 +115,8 @@ class SideNetwork(SideModule):
 
 class LoSATuner(Tuner):
     name = "losa"
+    Config = LoSAConfig
+    side = SideNetwork.kind
 
     def __init__(self, cfg: LoSAConfig) -> None:
         self.cfg = cfg

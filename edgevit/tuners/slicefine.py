@@ -14,19 +14,18 @@ import random
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
 from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
-from edgevit.tuners.base import Tuner, count, freeze_all, unfreeze_all
+from edgevit.tuners.base import Tuner, TunerConfigBase, count, freeze_all, unfreeze_all
 
 LAYERS = ("qkv", "proj", "fc1", "fc2")
 
 
-class SliceFineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SliceFineConfig(TunerConfigBase):
     name: Literal["slicefine"]
     layers: list[Literal["qkv", "proj", "fc1", "fc2"]] = Field(
         default_factory=lambda: list(LAYERS), description="which linears of each block have a slice "
@@ -85,6 +84,7 @@ def _starts(n: int, rank: int) -> list[int]:
 
 class SliceFineTuner(Tuner):
     name = "slicefine"
+    Config = SliceFineConfig
 
     def __init__(self, cfg: SliceFineConfig) -> None:
         self.cfg = cfg
