@@ -26,9 +26,15 @@ Layout = Literal["tensorrt", "ort_cpu", "ort_cpu_dynamic"]
 
 
 class _Reader:
-    """Feeds calibration images to ONNX Runtime's calibrator, a batch at a time."""
+    """Feeds calibration images to ONNX Runtime's calibrator, a batch at a time; a model with a
+    fixed batch (a static-batch export for a Jetson) gets batches of exactly that size."""
 
-    def __init__(self, images: np.ndarray, input_name: str, batch: int) -> None:
+    def __init__(self, images: np.ndarray, input_name: str, batch: int, fixed: int | None = None) -> None:
+        if fixed:
+            if len(images) < fixed:
+                raise EdgeVitError(f"quantize: the model's input has a fixed batch of {fixed}; give at least "
+                                   f"{fixed} calibration images (got {len(images)})")
+            batch, images = fixed, images[: len(images) // fixed * fixed]
         self.batches: Iterator[np.ndarray] = iter([images[i:i + batch] for i in range(0, len(images), batch)])
         self.name = input_name
 
@@ -99,13 +105,15 @@ def compute_activation_ranges(src: Path, images: np.ndarray, ranges: Path,
         # ORT's entropy default is 128 histogram bins for 128 quantized bins, which leaves one
         # candidate threshold, the full range (= min/max); TensorRT's calibrator uses 2048 bins.
         options.update(num_bins=2048, num_quantized_bins=128)
-    input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+    graph_input = onnx.load(str(src), load_external_data=False).graph.input[0]
+    dims = graph_input.type.tensor_type.shape.dim
+    fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
     with tempfile.TemporaryDirectory(prefix="edgevit-calib-") as tmp:
         calibrator = create_calibrator(Path(src), op_types or ["MatMul", "Gemm", "Conv"],
                                        augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=calib, providers=["CPUExecutionProvider"],
                                        extra_options=options)
-        calibrator.collect_data(_Reader(images.astype(np.float32), input_name, batch))
+        calibrator.collect_data(_Reader(images.astype(np.float32), graph_input.name, batch, fixed))
         computed = calibrator.compute_data()
         del calibrator
     with atomic_path(Path(ranges)) as tmp_ranges:

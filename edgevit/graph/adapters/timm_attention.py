@@ -1,18 +1,25 @@
-"""Forwards for timm attention modules whose own forward assumes ``heads x head_dim == dim``.
+"""timm attention modules of BEiT, EVA and Swin: heads removed, and their ONNX form.
 
-BEiT, EVA and Swin v2 attention reshape their output to the *input* width ``C``; once heads are
-removed that width differs. :func:`allow_fewer_heads` swaps such a module's class for a subclass
-whose forward reshapes to the kept width instead (same parameters and state-dict keys, same
-arithmetic otherwise), so a pruned block runs, traces and exports.
+These modules reshape their output to the *input* width ``C``; once heads are removed that
+width differs. :func:`allow_fewer_heads` swaps such a module's class for a subclass whose
+forward reshapes to the kept width instead (same parameters and state-dict keys, same
+arithmetic otherwise), so a pruned block runs, traces and exports. :func:`keep_heads` is the
+one place that keeps an attention module's per-head and per-channel extras true after the
+graph sliced its q/k/v rows; :func:`unfused_attention` turns SDPA off for export.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from edgevit.graph.adapters.base import heads_of, slice_qkv_biases
+from edgevit.graph.spec import AttentionSpec
 
 _SUBCLASSES: dict[type, type] = {}
 
@@ -109,3 +116,32 @@ def allow_fewer_heads(attn: nn.Module) -> None:
     if cls not in _SUBCLASSES:
         _SUBCLASSES[cls] = type(f"Pruned{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
     attn.__class__ = _SUBCLASSES[cls]
+
+
+def keep_heads(attn: nn.Module, spec: AttentionSpec, channels: torch.Tensor, per_head: tuple[str, ...] = ()) -> None:
+    """After the graph kept ``channels`` (head-major) of ``attn``'s q/k/v rows: slice its separate
+    q/k/v biases, keep the kept heads' entries (dim 0) of each ``per_head`` parameter (Swin v2's
+    logit scale), set ``num_heads`` and give it a forward that reads the kept width."""
+    attn.num_heads = int(channels.numel()) // spec.head_dim
+    slice_qkv_biases(attn, channels)
+    if per_head:
+        idx = heads_of(channels, spec.head_dim)
+        for name in per_head:
+            t = getattr(attn, name)
+            setattr(attn, name, nn.Parameter(t.detach().index_select(0, idx.to(t.device)).clone()))
+    allow_fewer_heads(attn)
+
+
+@contextmanager
+def unfused_attention(module: nn.Module) -> Iterator[None]:
+    """Every timm attention in ``module`` as explicit MatMul + Softmax while the block runs: SDPA
+    has no ONNX form below opset 14 (TensorRT 8.2 reads 13)."""
+    attns = [m for m in module.modules() if hasattr(m, "fused_attn")]
+    saved = [m.fused_attn for m in attns]
+    for m in attns:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, f in zip(attns, saved, strict=True):
+            m.fused_attn = f

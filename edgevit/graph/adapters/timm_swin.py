@@ -2,8 +2,9 @@
 
 Each block attends inside non-overlapping windows (shifted every other block); patch merging
 between stages is a fixed part. v1 keeps a relative position bias table with one column per
-head; v2 computes the bias with a small MLP whose last layer has one output per head and scales
-cosine attention by one learned logit scale per head: all are sliced with the head.
+head. v2 differs only in its attention: a small MLP whose last layer has one output per head
+computes the bias, cosine attention is scaled by one learned logit scale per head (both sliced
+with the head), and q/v biases sit beside a bias-free qkv; its adapter overrides just that.
 """
 
 from __future__ import annotations
@@ -17,14 +18,8 @@ import torch
 from torch import nn
 
 from edgevit.errors import EdgeVitError
-from edgevit.graph.adapters.base import (
-    Adapter,
-    build_timm,
-    heads_of,
-    slice_qkv_biases,
-    timm_mean_std,
-)
-from edgevit.graph.adapters.timm_attention import allow_fewer_heads
+from edgevit.graph.adapters.base import Adapter, build_timm, timm_mean_std
+from edgevit.graph.adapters.timm_attention import keep_heads, unfused_attention
 from edgevit.graph.spec import AttentionSpec, BlockSpec, GraphSpec, MlpSpec
 from edgevit.graph.trace import complete
 
@@ -36,11 +31,25 @@ def _windows(blk_module: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
     return math.ceil(h / wh) * math.ceil(w / ww), wh * ww
 
 
-class _SwinBase(Adapter):
-    v2: bool
+class TimmSwinAdapter(Adapter):
+    name = "timm_swin"
+    supports = "timm SwinTransformer"
 
-    def _classes(self) -> dict[str, Any]:
-        raise NotImplementedError
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        from timm.models.swin_transformer import SwinTransformer
+
+        return isinstance(module, SwinTransformer)
+
+    def timm_classes(self) -> dict[str, type[nn.Module]]:
+        from timm.models.swin_transformer import SwinTransformer
+
+        return {"SwinTransformer": SwinTransformer}
+
+    def position_bias(self, p: str, attn: nn.Module) -> dict[str, Any]:
+        """The AttentionSpec fields of the window attention's position bias: v1's table."""
+        return {"kind": "window", "bias_table": f"{p}.attn.relative_position_bias_table",
+                "bias_rows": attn.relative_position_bias_table.shape[0]}
 
     def describe(self, module: nn.Module, mean: Any = None, std: Any = None) -> GraphSpec:
         from timm.layers import Mlp
@@ -54,16 +63,9 @@ class _SwinBase(Adapter):
                 if type(mlp) is not Mlp:
                     raise EdgeVitError(f"model: {what} block {p} has a {type(mlp).__name__} MLP; edgevit "
                                        "supports timm's Mlp in Swin blocks")
-                heads = a.num_heads
-                attn = AttentionSpec(
-                    path=f"{p}.attn", qkv=f"{p}.attn.qkv", proj=f"{p}.attn.proj", num_heads=heads,
-                    head_dim=a.qkv.out_features // 3 // heads,
-                    kind="window_cpb" if self.v2 else "window",
-                    bias_table=None if self.v2 else f"{p}.attn.relative_position_bias_table",
-                    cpb=f"{p}.attn.cpb_mlp" if self.v2 else None,
-                    bias_rows=(math.prod(a.relative_coords_table.shape[1:3]) if self.v2
-                               else a.relative_position_bias_table.shape[0]),
-                )
+                attn = AttentionSpec(path=f"{p}.attn", qkv=f"{p}.attn.qkv", proj=f"{p}.attn.proj",
+                                     num_heads=a.num_heads, head_dim=a.qkv.out_features // 3 // a.num_heads,
+                                     **self.position_bias(p, a))
                 blocks.append(BlockSpec(
                     index=len(blocks), path=p, attn=attn, stage=s, norm1=f"{p}.norm1", norm2=f"{p}.norm2",
                     mlp=MlpSpec(path=f"{p}.mlp", fc1=f"{p}.mlp.fc1", fc2=f"{p}.mlp.fc2", hidden=mlp.fc1.out_features),
@@ -80,15 +82,10 @@ class _SwinBase(Adapter):
         return complete(spec, module, lambda b, shape: _windows(where[b.path], shape))
 
     def build(self, recipe: dict[str, Any]) -> nn.Module:
-        return build_timm(recipe, self._classes())
+        return build_timm(recipe, self.timm_classes())
 
     def after_keep_heads(self, attn: nn.Module, spec: AttentionSpec, channels: torch.Tensor) -> None:
-        attn.num_heads = int(channels.numel()) // spec.head_dim
-        if self.v2:
-            slice_qkv_biases(attn, channels)
-            idx = heads_of(channels, spec.head_dim).to(attn.logit_scale.device)
-            attn.logit_scale = nn.Parameter(attn.logit_scale.detach().index_select(0, idx).clone())
-            allow_fewer_heads(attn)
+        attn.num_heads = int(channels.numel()) // spec.head_dim  # v1's forward reshapes to what qkv gives
 
     def feature_map(self, output: torch.Tensor, blk: BlockSpec, spec: GraphSpec, batch: int) -> torch.Tensor:
         """Swin blocks read and write (B, H, W, C) maps."""
@@ -113,38 +110,13 @@ class _SwinBase(Adapter):
 
     @contextmanager
     def export_mode(self, module: nn.Module) -> Iterator[None]:
-        attns = [m for m in module.modules() if hasattr(m, "fused_attn")]
-        saved = [m.fused_attn for m in attns]
-        for m in attns:
-            m.fused_attn = False  # SDPA has no ONNX form below opset 14 (TensorRT 8.2 reads 13)
-        try:
+        with unfused_attention(module):
             yield
-        finally:
-            for m, f in zip(attns, saved, strict=True):
-                m.fused_attn = f
 
 
-class TimmSwinAdapter(_SwinBase):
-    name = "timm_swin"
-    supports = "timm SwinTransformer"
-    v2 = False
-
-    @classmethod
-    def matches(cls, module: nn.Module) -> bool:
-        from timm.models.swin_transformer import SwinTransformer
-
-        return isinstance(module, SwinTransformer)
-
-    def _classes(self) -> dict[str, Any]:
-        from timm.models.swin_transformer import SwinTransformer
-
-        return {"SwinTransformer": SwinTransformer}
-
-
-class TimmSwinV2Adapter(_SwinBase):
+class TimmSwinV2Adapter(TimmSwinAdapter):
     name = "timm_swinv2"
     supports = "timm SwinTransformerV2"
-    v2 = True
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
@@ -152,7 +124,15 @@ class TimmSwinV2Adapter(_SwinBase):
 
         return isinstance(module, SwinTransformerV2)
 
-    def _classes(self) -> dict[str, Any]:
+    def timm_classes(self) -> dict[str, type[nn.Module]]:
         from timm.models.swin_transformer_v2 import SwinTransformerV2
 
         return {"SwinTransformerV2": SwinTransformerV2}
+
+    def position_bias(self, p: str, attn: nn.Module) -> dict[str, Any]:
+        """v2: the continuous position bias MLP over the window's relative coordinate table."""
+        return {"kind": "window_cpb", "cpb": f"{p}.attn.cpb_mlp",
+                "bias_rows": math.prod(attn.relative_coords_table.shape[1:3])}
+
+    def after_keep_heads(self, attn: nn.Module, spec: AttentionSpec, channels: torch.Tensor) -> None:
+        keep_heads(attn, spec, channels, per_head=("logit_scale",))
