@@ -204,6 +204,12 @@ def test_accuracy_budget_ranks_every_layer_and_meets_the_budget(tmp_path: Path) 
     ranked = list(m["sensitivity"])
     assert m["kept_float"] == ranked[: len(m["kept_float"])]  # the worst first
     assert m["quantized_top1"] >= m["float_top1"] or len(m["kept_float"]) == 18
+    # include_nodes limits what the budget's search may quantize, and what is quantized in the end
+    only = ranked[-2:]  # the two least sensitive: within any budget
+    run_pipeline(_quant_recipe(accuracy_budget=100.0, calibration_method="minmax", quantize_attention=True,
+                               include_nodes=only), tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "03-quantize" / "metrics.json").read_text())["metrics"]
+    assert sorted(m["sensitivity"]) == sorted(only) and m["quantized_nodes"] == 2
 
 
 def test_nano_profile_turns_int8_into_fp16_with_a_warning(tmp_path: Path) -> None:

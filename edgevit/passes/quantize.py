@@ -182,8 +182,9 @@ class QuantizePass(Pass):
                 sens = node_sensitivity(pre, ctx.stage_dir, nodes, calibration_images, qargs,
                                         lambda: progress.advance(task))
             ranked = sorted(sens, key=sens.__getitem__, reverse=True)
+            outside = [n for n in candidates if n not in nodes]  # include_nodes limits what is quantized at all
             kept, _ = keep_in_float(pre, out, score, score(src), ranked, cfg.accuracy_budget, qargs,
-                                    cfg.exclude_nodes + skip)
+                                    cfg.exclude_nodes + skip + outside)
             self.metrics["sensitivity"] = {k: round(v, 6) for k, v in sorted(sens.items(), key=lambda kv: -kv[1])}
             if kept:
                 ctx.console.print(f"  kept in float to stay within {cfg.accuracy_budget} points: {', '.join(kept)}")
