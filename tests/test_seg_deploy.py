@@ -28,6 +28,7 @@ from edgevit.onnx_io import export_onnx, run_batches, session
 from edgevit.profiles import load_profile
 from edgevit.seg.deploy import compare_onnx, onnx_miou, pack_masks, val_frames
 from edgevit.seg.metrics import SegMeter
+from tests.conftest import miou_by_hand
 
 INPUT = (16, 24)  # the model's input size
 SIZES = [(24, 32), (20, 28)]  # the files (two sizes: masks are scored, and shipped, at their own)
@@ -198,6 +199,27 @@ def test_compare_onnx_of_a_model_with_itself_is_exact(seg, tmp_path: Path) -> No
     cmp = compare_onnx(path, path, images, masks, 3, IGNORE)
     assert cmp["miou_drop"] == 0 and cmp["pixel_agreement"] == 1.0 and cmp["parity"]["max_abs_diff"] == 0
     assert cmp["miou"] == round(onnx_miou(path, images, masks, 3, IGNORE), 2)
+
+
+def test_onnx_miou_is_a_hand_count_of_onnx_runtimes_labels(seg, tmp_path: Path) -> None:
+    """Both ONNX entry points, quantize's frames and the benchmark's loader, give the mIoU a hand
+    count of ONNX Runtime's predictions gives: logits bilinearly upsampled to each mask's own
+    size, the ignore label left out."""
+    from edgevit.seg.bench import onnx_scores
+
+    graph, data = seg
+    path = tmp_path / "m.onnx"
+    export_onnx(graph, path, opset=13)
+    images, masks = val_frames(data, 500, 1)  # every validation frame, masks of both sizes
+    logits = torch.from_numpy(run_batches(session(path), images))
+    pairs = [(mk, F.interpolate(lg[None], size=mk.shape, mode="bilinear", align_corners=False)[0].argmax(0).numpy())
+             for lg, mk in zip(logits, masks, strict=True)]
+    miou, iou = miou_by_hand(pairs, 3, IGNORE)
+    assert 0 < miou < 100 and {mk.shape for mk in masks} == set(SIZES)
+    assert onnx_miou(path, images, masks, 3, IGNORE) == pytest.approx(miou, abs=1e-9)
+    scores = onnx_scores(session(path), data.val_loader(), data)
+    assert scores["miou"] == pytest.approx(miou, abs=1e-9)
+    assert list(scores["iou"].values()) == pytest.approx(iou, abs=1e-9)
 
 
 def _bundle(seg, tmp_path: Path) -> Path:
