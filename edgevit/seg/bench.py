@@ -19,7 +19,7 @@ from torch import nn
 from edgevit.seg import overlay
 from edgevit.seg.data import read_image
 from edgevit.seg.deploy import onnx_logits, score_onnx
-from edgevit.seg.metrics import upsample_logits
+from edgevit.seg.metrics import labels_at
 from edgevit.training.task import task_metric
 
 Predict = Callable[[torch.Tensor], torch.Tensor]  # normalised images (B, 3, H, W) -> logits (B, C, h, w)
@@ -60,13 +60,12 @@ def onnx_scores(sess: Any, loader: Any, data: Any) -> dict[str, Any]:
 
 
 def frame_labels(predict: Predict, data: Any, indices: list[int]) -> list[np.ndarray]:
-    """Predicted labels of validation frames ``indices``, each at its mask's resolution (upsampled
-    as the metric upsamples)."""
+    """Predicted labels of validation frames ``indices``, each at its mask's resolution (the
+    labels the metric scores)."""
     out = []
     for i in indices:
         image, mask = data.val[i]
-        logits = upsample_logits(predict(image[None]).float(), tuple(mask.shape[-2:]))
-        out.append(logits[0].argmax(0).numpy())
+        out.append(labels_at(predict(image[None])[0], tuple(mask.shape[-2:])).numpy())
     return out
 
 
