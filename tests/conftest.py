@@ -7,11 +7,15 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import torch
 import yaml
+
+if TYPE_CHECKING:
+    from edgevit.graph import ModelGraph
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -69,16 +73,36 @@ MODEL_FACTORIES: dict[str, Callable] = {
 }
 
 
-@pytest.fixture(params=list(MODEL_FACTORIES))
-def tiny_graph(request: pytest.FixtureRequest):
-    """A ModelGraph of each supported family, in eval mode, with non-trivial weights."""
+def _segmenter(decoder: dict):
+    from edgevit.graph.adapters.segmenter import SegmenterAdapter
+    kw = dict(TIMM_KWARGS, num_classes=0, global_pool="", class_token=False)
+    build = {"backbone": {"family": "timm", "architecture": "VisionTransformer", "kwargs": kw},
+             "decoder": dict(decoder), "num_classes": TIMM_KWARGS["num_classes"]}
+    return SegmenterAdapter().build(build), build
+
+
+# the timm backbone of TIMM_KWARGS with a decode head: (B, 5, H, W) logits
+SEGMENTER_FACTORIES: dict[str, Callable] = {
+    "segmenter_linear": lambda: _segmenter({"kind": "linear"}),
+    "segmenter_mla": lambda: _segmenter({"kind": "mla", "width": 16}),
+}
+
+
+def randomised_graph(module: torch.nn.Module, build: dict) -> ModelGraph:
+    """``module`` as a ModelGraph in eval mode, every weight (zero-initialised tokens too) nudged
+    at random so that tests of equal outputs can fail."""
     from edgevit.graph import ModelGraph
 
-    module, build = MODEL_FACTORIES[request.param]()
-    with torch.no_grad():  # randomise everything (incl. zero-initialised tokens) so tests can fail
+    with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return ModelGraph.from_module(module.eval(), build)
+
+
+@pytest.fixture(params=list(MODEL_FACTORIES))
+def tiny_graph(request: pytest.FixtureRequest):
+    """A ModelGraph of each supported family, in eval mode, with non-trivial weights."""
+    return randomised_graph(*MODEL_FACTORIES[request.param]())
 
 
 def miou_by_hand(pairs: list[tuple[np.ndarray, np.ndarray]], num_classes: int,
