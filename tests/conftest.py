@@ -105,6 +105,27 @@ def tiny_graph(request: pytest.FixtureRequest):
     return randomised_graph(*MODEL_FACTORIES[request.param]())
 
 
+def write_seg_pair(split: Path, name: str, image: np.ndarray, mask: np.ndarray | None) -> None:
+    """One frame of a paired segmentation folder (``seg/data.py``'s layout): ``split/images/<name>.png``
+    and, unless ``mask`` is None, ``split/masks/<name>.png`` as 8-bit labels."""
+    from PIL import Image
+
+    (split / "images").mkdir(parents=True, exist_ok=True)
+    (split / "masks").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(split / "images" / f"{name}.png")
+    if mask is not None:
+        Image.fromarray(mask.astype(np.uint8)).save(split / "masks" / f"{name}.png")
+
+
+def labels_by_hand(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """One frame's (C, h, w) logits as classes at a mask's ``size``, with torch directly (bilinear,
+    align_corners=False), not through ``seg/metrics.py``."""
+    import torch.nn.functional as F
+
+    up = F.interpolate(logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return up[0].argmax(0).numpy()
+
+
 def miou_by_hand(pairs: list[tuple[np.ndarray, np.ndarray]], num_classes: int,
                  ignore_index: int) -> tuple[float, list[float | None]]:
     """mIoU and per-class IoU (0-100) of (truth, predicted labels) pairs counted pixel by pixel,
