@@ -7,10 +7,15 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 import torch
 import yaml
+
+if TYPE_CHECKING:
+    from edgevit.graph import ModelGraph
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -68,16 +73,73 @@ MODEL_FACTORIES: dict[str, Callable] = {
 }
 
 
-@pytest.fixture(params=list(MODEL_FACTORIES))
-def tiny_graph(request: pytest.FixtureRequest):
-    """A ModelGraph of each supported family, in eval mode, with non-trivial weights."""
+def _segmenter(decoder: dict):
+    from edgevit.graph.adapters.segmenter import SegmenterAdapter
+    kw = dict(TIMM_KWARGS, num_classes=0, global_pool="", class_token=False)
+    build = {"backbone": {"family": "timm", "architecture": "VisionTransformer", "kwargs": kw},
+             "decoder": dict(decoder), "num_classes": TIMM_KWARGS["num_classes"]}
+    return SegmenterAdapter().build(build), build
+
+
+# the timm backbone of TIMM_KWARGS with a decode head: (B, 5, H, W) logits
+SEGMENTER_FACTORIES: dict[str, Callable] = {
+    "segmenter_linear": lambda: _segmenter({"kind": "linear"}),
+    "segmenter_mla": lambda: _segmenter({"kind": "mla", "width": 16}),
+}
+
+
+def randomised_graph(module: torch.nn.Module, build: dict) -> ModelGraph:
+    """``module`` as a ModelGraph in eval mode, every weight (zero-initialised tokens too) nudged
+    at random so that tests of equal outputs can fail."""
     from edgevit.graph import ModelGraph
 
-    module, build = MODEL_FACTORIES[request.param]()
-    with torch.no_grad():  # randomise everything (incl. zero-initialised tokens) so tests can fail
+    with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return ModelGraph.from_module(module.eval(), build)
+
+
+@pytest.fixture(params=list(MODEL_FACTORIES))
+def tiny_graph(request: pytest.FixtureRequest):
+    """A ModelGraph of each supported family, in eval mode, with non-trivial weights."""
+    return randomised_graph(*MODEL_FACTORIES[request.param]())
+
+
+def write_seg_pair(split: Path, name: str, image: np.ndarray, mask: np.ndarray | None) -> None:
+    """One frame of a paired segmentation folder (``seg/data.py``'s layout): ``split/images/<name>.png``
+    and, unless ``mask`` is None, ``split/masks/<name>.png`` as 8-bit labels."""
+    from PIL import Image
+
+    (split / "images").mkdir(parents=True, exist_ok=True)
+    (split / "masks").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(split / "images" / f"{name}.png")
+    if mask is not None:
+        Image.fromarray(mask.astype(np.uint8)).save(split / "masks" / f"{name}.png")
+
+
+def labels_by_hand(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """One frame's (C, h, w) logits as classes at a mask's ``size``, with torch directly (bilinear,
+    align_corners=False), not through ``seg/metrics.py``."""
+    import torch.nn.functional as F
+
+    up = F.interpolate(logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return up[0].argmax(0).numpy()
+
+
+def miou_by_hand(pairs: list[tuple[np.ndarray, np.ndarray]], num_classes: int,
+                 ignore_index: int) -> tuple[float, list[float | None]]:
+    """mIoU and per-class IoU (0-100) of (truth, predicted labels) pairs counted pixel by pixel,
+    independently of ``seg/metrics.py``: ignored pixels out, a class never seen has no IoU."""
+    inter, union = np.zeros(num_classes), np.zeros(num_classes)
+    for truth, pred in pairs:
+        keep = truth != ignore_index
+        t, p = truth[keep], pred[keep]
+        for c in range(num_classes):
+            inter[c] += ((t == c) & (p == c)).sum()
+            union[c] += ((t == c) | (p == c)).sum()
+    iou = [100 * i / u if u else None for i, u in zip(inter, union, strict=True)]
+    present = [v for v in iou if v is not None]
+    return sum(present) / len(present), iou
 
 
 def tiny_recipe_data(**overrides) -> dict:

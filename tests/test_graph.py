@@ -12,14 +12,36 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
-from tests.conftest import outputs_in_a_fresh_process
+from tests.conftest import MODEL_FACTORIES, SEGMENTER_FACTORIES, outputs_in_a_fresh_process, randomised_graph
 
 X = torch.randn(3, 3, 32, 32)
+FAMILIES = {**MODEL_FACTORIES, **SEGMENTER_FACTORIES}
+
+
+@pytest.fixture(scope="module")
+def _built() -> dict[str, ModelGraph]:
+    return {}
+
+
+@pytest.fixture(params=list(FAMILIES))
+def tiny_graph(request: pytest.FixtureRequest, _built: dict[str, ModelGraph]) -> ModelGraph:
+    """conftest's tiny graph of each family, and segmenters (that backbone + a linear or an MLA
+    head), so every generic edit is checked on a dense model too. Each is built once here and
+    cloned per test: a segmenter's build reads the plugin registry (about 0.2 s a time)."""
+    if request.param not in _built:
+        _built[request.param] = randomised_graph(*FAMILIES[request.param]())
+    return _built[request.param].clone()
 
 
 def logits(graph: ModelGraph, x: torch.Tensor = X) -> torch.Tensor:
     with torch.no_grad():
         return graph.module.eval()(x)
+
+
+def out_shape(graph: ModelGraph, classes: int) -> tuple[int, ...]:
+    """What ``logits(graph)`` must be: (B, classes), a segmenter's at every input pixel."""
+    dense = graph.spec.task == "segmentation"
+    return (len(X), classes, *(X.shape[-2:] if dense else ()))
 
 
 def test_spec_of_each_family(tiny_graph: ModelGraph) -> None:
@@ -36,9 +58,13 @@ def test_spec_of_each_family(tiny_graph: ModelGraph) -> None:
     elif family == "timm" and len(s.classifiers) == 2:  # distilled DeiT: class + distillation token
         assert s.num_prefix_tokens == 2 and s.classifiers == ["head", "head_dist"]
         assert tiny_graph.module.get_submodule(s.blocks[0].attn.qkv).bias is None
+    elif family == "segmenter":  # a timm backbone without class token, under backbone.
+        assert s.task == "segmentation" and s.num_prefix_tokens == 0 and s.classifiers == [s.decoder.classifier]
+        assert all(b.path.startswith("backbone.") for b in s.blocks)
     else:
         assert s.num_prefix_tokens == 1
-    assert s.blocks[0].attn.fused == (family == "timm")
+    assert s.blocks[0].attn.fused == (family in ("timm", "segmenter"))
+    assert logits(tiny_graph).shape == out_shape(tiny_graph, 5)
 
 
 def test_spec_of_hf_reads_separate_qkv(tiny_graph: ModelGraph) -> None:
@@ -130,9 +156,9 @@ def test_load_refuses_mismatched_weights(tiny_graph: ModelGraph, tmp_path) -> No
 
 def test_reset_classifier_survives_save_load(tiny_graph: ModelGraph, tmp_path) -> None:
     tiny_graph.reset_classifier(7)
-    assert logits(tiny_graph).shape == (3, 7)
+    assert logits(tiny_graph).shape == out_shape(tiny_graph, 7)
     tiny_graph.save(tmp_path / "s")
-    assert logits(ModelGraph.load(tmp_path / "s")).shape == (3, 7)
+    assert logits(ModelGraph.load(tmp_path / "s")).shape == out_shape(tiny_graph, 7)
 
 
 def test_keep_blocks_drops_blocks_and_rebuilds_from_disk(tiny_graph, tmp_path) -> None:

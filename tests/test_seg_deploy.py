@@ -14,7 +14,6 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from rich.console import Console
 
 from edgevit.context import RunContext
@@ -28,6 +27,7 @@ from edgevit.onnx_io import export_onnx, run_batches, session
 from edgevit.profiles import load_profile
 from edgevit.seg.deploy import compare_onnx, onnx_miou, pack_masks, val_frames
 from edgevit.seg.metrics import SegMeter
+from tests.conftest import labels_by_hand, miou_by_hand, randomised_graph, write_seg_pair
 
 INPUT = (16, 24)  # the model's input size
 SIZES = [(24, 32), (20, 28)]  # the files (two sizes: masks are scored, and shipped, at their own)
@@ -46,10 +46,7 @@ def _pair(seed: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
 def _dataset(base: Path, n_train: int = 4, n_val: int = 6) -> Path:
     for split, n, off in (("train", n_train, 0), ("val", n_val, 100)):
         for i in range(n):
-            img, mask = _pair(off + i, SIZES[i % 2])
-            for sub, arr in (("images", img), ("masks", mask)):
-                (base / split / sub).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(arr).save(base / split / sub / f"f{i:02d}.png")
+            write_seg_pair(base / split, f"f{i:02d}", *_pair(off + i, SIZES[i % 2]))
     return base
 
 
@@ -61,11 +58,7 @@ def _segmenter(img_size: tuple[int, int] = INPUT, patch: int = 4, heads: int = 2
                                           mlp_ratio=2.0)},
               "decoder": decoder or {"kind": "mla", "width": 8}, "num_classes": classes}
     torch.manual_seed(0)
-    module = SegmenterAdapter().build(recipe)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return ModelGraph.from_module(module.eval(), recipe)
+    return randomised_graph(SegmenterAdapter().build(recipe), recipe)
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +191,26 @@ def test_compare_onnx_of_a_model_with_itself_is_exact(seg, tmp_path: Path) -> No
     cmp = compare_onnx(path, path, images, masks, 3, IGNORE)
     assert cmp["miou_drop"] == 0 and cmp["pixel_agreement"] == 1.0 and cmp["parity"]["max_abs_diff"] == 0
     assert cmp["miou"] == round(onnx_miou(path, images, masks, 3, IGNORE), 2)
+
+
+def test_onnx_miou_is_a_hand_count_of_onnx_runtimes_labels(seg, tmp_path: Path) -> None:
+    """Both ONNX entry points, quantize's frames and the benchmark's loader, give the mIoU a hand
+    count of ONNX Runtime's predictions gives: logits bilinearly upsampled to each mask's own
+    size, the ignore label left out."""
+    from edgevit.seg.bench import onnx_scores
+
+    graph, data = seg
+    path = tmp_path / "m.onnx"
+    export_onnx(graph, path, opset=13)
+    images, masks = val_frames(data, 500, 1)  # every validation frame, masks of both sizes
+    logits = torch.from_numpy(run_batches(session(path), images))
+    pairs = [(mk, labels_by_hand(lg, mk.shape)) for lg, mk in zip(logits, masks, strict=True)]
+    miou, iou = miou_by_hand(pairs, 3, IGNORE)
+    assert 0 < miou < 100 and {mk.shape for mk in masks} == set(SIZES)
+    assert onnx_miou(path, images, masks, 3, IGNORE) == pytest.approx(miou, abs=1e-9)
+    scores = onnx_scores(session(path), data.val_loader(), data)
+    assert scores["miou"] == pytest.approx(miou, abs=1e-9)
+    assert list(scores["iou"].values()) == pytest.approx(iou, abs=1e-9)
 
 
 def _bundle(seg, tmp_path: Path) -> Path:

@@ -1,4 +1,9 @@
-"""Segmenters in the graph: spec, structural edits, cost, save/load, ONNX, the segmenter source."""
+"""Segmenters in the graph: spec, structural edits, cost, save/load, ONNX, the segmenter source.
+
+The generic graph tests (keep-everything identity, zeroed heads and units removed, save and
+load in a fresh process, recorded edits, ...) run on segmenters as families of
+``tests/test_graph.py``'s ``tiny_graph``; here are the segmenter's own: its spec, the decode
+head's taps when blocks go, its cost and ONNX."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from edgevit.errors import EdgeVitError
 from edgevit.graph import ModelGraph
 from edgevit.graph.adapters.segmenter import SegmenterAdapter
 from edgevit.models.sources import SegmenterSource, load_model
-from tests.conftest import outputs_in_a_fresh_process
+from tests.conftest import randomised_graph
 
 BACKBONE = dict(img_size=(32, 48), patch_size=8, num_classes=0, global_pool="", class_token=False, embed_dim=32,
                 depth=4, num_heads=4, mlp_ratio=2.0)
@@ -32,11 +37,7 @@ def build(decoder: dict, num_classes: int = 5, **backbone) -> dict:
 def segmenter(decoder: dict, **backbone) -> ModelGraph:
     """A tiny segmenter graph with non-trivial weights, in eval mode."""
     recipe = build(decoder, **backbone)
-    module = SegmenterAdapter().build(recipe)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return ModelGraph.from_module(module.eval(), recipe)
+    return randomised_graph(SegmenterAdapter().build(recipe), recipe)
 
 
 @pytest.fixture(params=list(DECODERS))
@@ -86,27 +87,6 @@ def test_spec_matches_modules(seg: ModelGraph) -> None:
     assert logits(seg).shape == (2, 5, 32, 48)
 
 
-def test_keep_everything_is_identity(seg: ModelGraph) -> None:
-    before = logits(seg)
-    for b in seg.spec.blocks:
-        seg.keep_heads(b.index, range(b.attn.num_heads))
-        seg.keep_mlp_units(b.index, list(reversed(range(b.mlp.hidden))))
-    assert torch.equal(before, logits(seg))
-
-
-def test_removing_zeroed_head_and_unit_keeps_outputs(seg: ModelGraph) -> None:
-    a, m = seg.spec.blocks[0].attn, seg.spec.blocks[2].mlp
-    with torch.no_grad():
-        seg.module.get_submodule(a.proj).weight[:, a.head_dim: 2 * a.head_dim] = 0
-        seg.module.get_submodule(m.fc2).weight[:, [3, 40]] = 0
-    before = logits(seg)
-    seg.keep_heads(0, [0, 2, 3])
-    seg.keep_mlp_units(2, [u for u in range(m.hidden) if u not in (3, 40)])
-    assert torch.allclose(before, logits(seg), atol=1e-5)
-    assert seg.module.get_submodule(a.proj).in_features == 3 * a.head_dim
-    assert seg.cost().params == seg.num_params()
-
-
 def _silence_block(graph: ModelGraph, index: int) -> None:
     """Zero a block's residual branches: its output equals its input."""
     blk = graph.spec.blocks[index]
@@ -138,20 +118,6 @@ def test_keep_blocks_on_linear_head_reads_the_last_kept_block() -> None:
     g.keep_blocks([0, 1, 2])
     assert g.spec.decoder.taps == [2]
     assert torch.allclose(before, logits(g), atol=1e-5)
-
-
-def test_save_load_in_fresh_process(tmp_path: Path) -> None:
-    g = segmenter({"kind": "mla", "taps": [1, 3], "width": 16})
-    g.keep_heads(0, [1, 3])
-    g.keep_mlp_units(3, range(0, 64, 3))
-    g.keep_blocks([0, 2, 3])
-    g.reset_classifier(7)
-    g.save(tmp_path / "stage")
-    (y,), shown = outputs_in_a_fresh_process(
-        [tmp_path / "stage"], X, tmp_path,
-        "g.spec.task, g.spec.decoder.taps, g.spec.num_classes, g.spec.blocks[0].attn.num_heads")
-    assert shown == ["segmentation [0, 2] 7 2"]
-    assert y.shape == (2, 7, 32, 48) and torch.equal(y, logits(g))
 
 
 def test_cost_matches_torch_flop_counter(seg: ModelGraph) -> None:

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from edgevit.errors import EdgeVitError
 from edgevit.seg.data import JointTransform, SegmentationFolder, collate_segmentation
 from edgevit.seg.losses import ohem_cross_entropy, pixel_kd_kl, pixel_kd_mse
 from edgevit.seg.metrics import SegMeter, SegScores, confusion_matrix
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, write_seg_pair
 
 
 def test_miou_matches_a_hand_computed_example() -> None:
@@ -82,13 +81,6 @@ def test_pixel_kd_losses() -> None:
     assert pixel_kd_mse(s, t, valid).item() == pytest.approx(((up - t) ** 2).mean(1)[:, :4].mean().item(), rel=1e-5)
 
 
-def _write_pair(root: Path, name: str, image: np.ndarray, mask: np.ndarray) -> None:
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(root / "images" / f"{name}.png")
-    Image.fromarray(mask.astype(np.uint8)).save(root / "masks" / f"{name}.png")
-
-
 def _blocks(seed: int, h: int = 48, w: int = 64, block: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """An image of flat coloured blocks whose mask is a function of the pixels (red > 127);
     red is 20 or 235, so only block edges blur towards the threshold."""
@@ -101,7 +93,7 @@ def _blocks(seed: int, h: int = 48, w: int = 64, block: int = 8) -> tuple[np.nda
 
 def test_joint_augmentation_keeps_image_and_mask_aligned(tmp_path: Path) -> None:
     for i in range(4):
-        _write_pair(tmp_path, f"f{i}", *_blocks(i))
+        write_seg_pair(tmp_path, f"f{i}", *_blocks(i))
     tf = JointTransform((32, 40), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), train=True, scale=(1.0, 2.0))
     ds = SegmentationFolder(tmp_path, "data.train", tf, num_classes=2, ignore_index=255, seed=3)
     flips = 0
@@ -137,15 +129,15 @@ def test_a_misaligned_flip_is_caught() -> None:
 @pytest.mark.parametrize("case", ["size", "label", "missing"])
 def test_bad_pairs_name_the_file(tmp_path: Path, case: str) -> None:
     img, mask = _blocks(0)
-    _write_pair(tmp_path, "good", img, mask)
+    write_seg_pair(tmp_path, "good", img, mask)
     if case == "size":
-        _write_pair(tmp_path, "bad", img, mask[:-8])
+        write_seg_pair(tmp_path, "bad", img, mask[:-8])
     elif case == "label":
         m = mask.copy()
         m[0, 0] = 7
-        _write_pair(tmp_path, "bad", img, m)
+        write_seg_pair(tmp_path, "bad", img, m)
     else:
-        _write_pair(tmp_path, "bad", img, mask)
+        write_seg_pair(tmp_path, "bad", img, mask)
         (tmp_path / "masks" / "bad.png").unlink()
     tf = JointTransform((32, 40), (0, 0, 0), (1, 1, 1), train=False)
     with pytest.raises(EdgeVitError, match="bad") as e:
@@ -154,7 +146,7 @@ def test_bad_pairs_name_the_file(tmp_path: Path, case: str) -> None:
     # the ignore label itself is fine
     m = mask.copy()
     m[0, 0] = 255
-    _write_pair(tmp_path, "bad", img, m)
+    write_seg_pair(tmp_path, "bad", img, m)
     SegmentationFolder(tmp_path, "data.train", tf, num_classes=2, ignore_index=255)
 
 

@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from edgevit.distill.student import ShrinkConfig, _head_scores, shrink
 from edgevit.graph import ModelGraph
 from edgevit.graph.adapters.segmenter import SegmenterAdapter
-from tests.conftest import outputs_in_a_fresh_process, run_cli, run_pipeline
+from tests.conftest import outputs_in_a_fresh_process, randomised_graph, run_cli, run_pipeline, write_seg_pair
 from tests.test_bad_input import assert_user_error
 
 H, W = 32, 48  # the files and the model's input (patch 8: a 4x6 grid)
@@ -39,12 +38,8 @@ def _pair(seed: int) -> tuple[np.ndarray, np.ndarray]:
 def seg_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("segdata")
     for split, n, off in (("train", 24, 0), ("val", 8, 100), ("test", 4, 200)):
-        for sub in ("images", "masks"):
-            (base / split / sub).mkdir(parents=True)
         for i in range(n):
-            img, mask = _pair(off + i)
-            Image.fromarray(img).save(base / split / "images" / f"f{i:02d}.png")
-            Image.fromarray(mask).save(base / split / "masks" / f"f{i:02d}.png")
+            write_seg_pair(base / split, f"f{i:02d}", *_pair(off + i))
     return base
 
 
@@ -167,11 +162,7 @@ def _mla_graph(taps: list[int]) -> ModelGraph:
     build = {"backbone": {"family": "timm", "architecture": "VisionTransformer",
                           "kwargs": {**BACKBONE, "img_size": (H, W), "num_classes": 0, "global_pool": ""}},
              "decoder": {"kind": "mla", "taps": taps, "width": 16}, "num_classes": 3}
-    module = SegmenterAdapter().build(build)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return ModelGraph.from_module(module.eval(), build)
+    return randomised_graph(SegmenterAdapter().build(build), build)
 
 
 @pytest.mark.parametrize(("depth", "blocks", "taps"), [(2, [0, 3], [0, 1]), (1, [3], [0]), (3, [0, 2, 3], [0, 1, 2])])

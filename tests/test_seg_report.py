@@ -14,7 +14,7 @@ from PIL import Image
 
 from edgevit.report import SCHEMA_VERSION, SEG_STAGE_KEYS, read_report
 from edgevit.seg.overlay import ALPHA, CAMVID_COLOURS, GENERIC_COLOURS, blend, palette
-from tests.conftest import run_pipeline
+from tests.conftest import labels_by_hand, miou_by_hand, run_pipeline, write_seg_pair
 
 H, W = 24, 32  # the frames and masks on disk
 IGNORE = 255
@@ -35,12 +35,8 @@ def _frame(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _dataset(base: Path) -> Path:
     for split, n, off in (("train", 8, 0), ("val", 4, 100)):
-        (base / split / "images").mkdir(parents=True)
-        (base / split / "masks").mkdir(parents=True)
         for i in range(n):
-            img, mask = _frame(off + i)
-            Image.fromarray(img).save(base / split / "images" / f"f{i:02d}.png")
-            Image.fromarray(mask).save(base / split / "masks" / f"f{i:02d}.png")
+            write_seg_pair(base / split, f"f{i:02d}", *_frame(off + i))
     return base
 
 
@@ -83,28 +79,11 @@ def test_report_json_has_miou_per_stage_and_the_task(seg_run: Path) -> None:
 
 def _labels_of(predict, data, loader) -> list[tuple[np.ndarray, np.ndarray]]:  # noqa: ANN001
     """(truth, predicted labels) per validation frame at the mask's resolution, by hand."""
-    import torch.nn.functional as F
-
     out = []
     for images, masks in loader:
         logits = predict(images)
-        for lg, m in zip(logits, masks, strict=True):
-            up = F.interpolate(lg[None].float(), size=tuple(m.shape), mode="bilinear", align_corners=False)
-            out.append((m.numpy(), up[0].argmax(0).numpy()))
+        out += [(m.numpy(), labels_by_hand(lg, tuple(m.shape))) for lg, m in zip(logits, masks, strict=True)]
     return out
-
-
-def _miou_by_hand(pairs: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[float, list[float | None]]:
-    inter, union = np.zeros(n), np.zeros(n)
-    for truth, pred in pairs:
-        keep = truth != IGNORE
-        t, p = truth[keep], pred[keep]
-        for c in range(n):
-            inter[c] += ((t == c) & (p == c)).sum()
-            union[c] += ((t == c) | (p == c)).sum()
-    iou = [100 * i / u if u else None for i, u in zip(inter, union, strict=True)]
-    present = [v for v in iou if v is not None]
-    return sum(present) / len(present), iou
 
 
 def test_miou_in_the_report_equals_seg_metrics_on_the_same_predictions(seg_run: Path) -> None:
@@ -128,7 +107,7 @@ def test_miou_in_the_report_equals_seg_metrics_on_the_same_predictions(seg_run: 
         onnx = g.artifacts.get("onnx")
         predict = onnx_predict(session(onnx, 1)) if onnx else torch_predict(g.module, torch.device("cpu"))
         pairs = _labels_of(predict, data, data.val_loader())
-        miou, iou = _miou_by_hand(pairs, 2)
+        miou, iou = miou_by_hand(pairs, 2, IGNORE)
         meter = SegMeter(2, IGNORE)
         for images, masks in data.val_loader():
             meter.update(predict(images), masks)

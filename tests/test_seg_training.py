@@ -34,6 +34,7 @@ from edgevit.training.task import (
     task_loss,
     task_metric,
 )
+from tests.conftest import write_seg_pair
 
 H, W = 24, 32  # the files
 INPUT = (12, 16)  # the model's input size
@@ -51,18 +52,10 @@ def _pair(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return img, mask
 
 
-def _write(root: Path, name: str, img: np.ndarray, mask: np.ndarray | None) -> None:
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(root / "images" / f"{name}.png")
-    if mask is not None:
-        Image.fromarray(mask.astype(np.uint8)).save(root / "masks" / f"{name}.png")
-
-
 def _dataset(base: Path, n_train: int = 8, n_val: int = 4) -> Path:
     for split, n, off in (("train", n_train, 0), ("val", n_val, 100), ("test", 2, 200)):
         for i in range(n):
-            _write(base / split, f"f{i:02d}", *_pair(off + i))
+            write_seg_pair(base / split, f"f{i:02d}", *_pair(off + i))
     return base
 
 
@@ -146,7 +139,7 @@ def test_camvid_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "camvid"
     for split in ("train", "val"):
         img, mask = _pair(0)
-        _write(root / split, "0001TP_006690", img, np.where(mask == IGNORE, 11, mask * 8))  # void, sky, car
+        write_seg_pair(root / split, "0001TP_006690", img, np.where(mask == IGNORE, 11, mask * 8))  # void, sky, car
     cfg = SegmentationData.model_validate({"source": "segmentation", "preset": "camvid"})
     data = build_data(cfg, _spec(11), seed=0)
     assert data.num_classes == 11 and data.ignore_index == 11 and data.class_names[8] == "car"
@@ -164,12 +157,12 @@ def test_bad_inputs_give_one_line_naming_the_file(tmp_path: Path, case: str) -> 
     img, mask = _pair(7)
     spec = _spec()
     if case == "size":
-        _write(tmp_path / "train", "bad", img, mask[:-4])
+        write_seg_pair(tmp_path / "train", "bad", img, mask[:-4])
     elif case == "label":
         mask[3, 3] = 2  # neither a class (0, 1) nor the ignore label
-        _write(tmp_path / "train", "bad", img, mask)
+        write_seg_pair(tmp_path / "train", "bad", img, mask)
     elif case == "missing":
-        _write(tmp_path / "train", "bad", img, None)
+        write_seg_pair(tmp_path / "train", "bad", img, None)
     elif case == "classes":
         spec = _spec(num_classes=3)
     else:

@@ -1,8 +1,9 @@
 """The benchmark pass's segmentation side: each stage's mIoU, and the frames for the overlays.
 
 A torch stage is scored through its module (``training/task.py``'s ``task_metric``), an ONNX
-stage through ONNX Runtime; both feed the same ``SegMeter`` at each mask's own resolution, so
-a stage's mIoU in the report is the number validation, pruning and export report for it.
+stage through ONNX Runtime (``seg/deploy.py``'s ``score_onnx``, as quantize scores its files);
+both feed the same ``SegMeter`` at each mask's own resolution, so a stage's mIoU in the report
+is the number validation, pruning and quantize report for it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from torch import nn
 
 from edgevit.seg import overlay
 from edgevit.seg.data import read_image
-from edgevit.seg.metrics import SegMeter, upsample_logits
+from edgevit.seg.deploy import onnx_logits, score_onnx
+from edgevit.seg.metrics import labels_at
 from edgevit.training.task import task_metric
 
 Predict = Callable[[torch.Tensor], torch.Tensor]  # normalised images (B, 3, H, W) -> logits (B, C, h, w)
@@ -37,9 +39,7 @@ def torch_predict(module: nn.Module, device: torch.device) -> Predict:
 
 
 def onnx_predict(sess: Any) -> Predict:
-    from edgevit.onnx_io import run_batches
-
-    return lambda images: torch.from_numpy(run_batches(sess, images.numpy().astype(np.float32)))
+    return lambda images: torch.from_numpy(onnx_logits(sess, images))
 
 
 def rounded(scores: dict[str, Any]) -> dict[str, Any]:
@@ -55,22 +55,17 @@ def torch_scores(module: nn.Module, loader: Any, data: Any, device: torch.device
 
 
 def onnx_scores(sess: Any, loader: Any, data: Any) -> dict[str, Any]:
-    """The same scores for an ONNX stage, its logits from ONNX Runtime."""
-    meter = SegMeter(data.num_classes, data.ignore_index)
-    predict = onnx_predict(sess)
-    for images, masks in loader:
-        meter.update(predict(images), masks)
-    return meter.scores().as_dict(data.class_names)
+    """The same scores for an ONNX stage, through the one ONNX scorer (quantize's too)."""
+    return score_onnx(sess, loader, data.num_classes, data.ignore_index).as_dict(data.class_names)
 
 
 def frame_labels(predict: Predict, data: Any, indices: list[int]) -> list[np.ndarray]:
-    """Predicted labels of validation frames ``indices``, each at its mask's resolution (upsampled
-    as the metric upsamples)."""
+    """Predicted labels of validation frames ``indices``, each at its mask's resolution (the
+    labels the metric scores)."""
     out = []
     for i in indices:
         image, mask = data.val[i]
-        logits = upsample_logits(predict(image[None]).float(), tuple(mask.shape[-2:]))
-        out.append(logits[0].argmax(0).numpy())
+        out.append(labels_at(predict(image[None])[0], tuple(mask.shape[-2:])).numpy())
     return out
 
 

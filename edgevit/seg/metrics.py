@@ -62,6 +62,12 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
+def labels_at(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) predicted classes of one frame's (C, h, w) logits at a mask's resolution: what the
+    metric scores, and what an overlay draws."""
+    return upsample_logits(logits[None].float(), size)[0].argmax(0)
+
+
 class SegMeter:
     """Accumulates a confusion matrix over batches; each mask may have its own size."""
 
@@ -72,7 +78,7 @@ class SegMeter:
     def update(self, logits: torch.Tensor, masks: torch.Tensor | list[torch.Tensor]) -> None:
         """``logits`` (B, C, h, w) at any resolution; ``masks`` (B, H, W) or a list of (H_i, W_i)."""
         for lg, m in zip(logits, masks, strict=True):
-            pred = upsample_logits(lg[None].float(), tuple(m.shape[-2:]))[0].argmax(0)
+            pred = labels_at(lg, tuple(m.shape[-2:]))
             self.cm += confusion_matrix(pred.cpu(), m.cpu(), self.num_classes, self.ignore_index)
 
     def scores(self) -> SegScores:
