@@ -25,6 +25,13 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # no model hub in tests: fail fast instead of retrying a network that is not there
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+
+
 def _timm_vit():
     from timm.models.vision_transformer import VisionTransformer
     return VisionTransformer(**TIMM_KWARGS), {"architecture": "VisionTransformer", "kwargs": TIMM_KWARGS}
