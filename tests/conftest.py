@@ -22,6 +22,13 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 TIMM_KWARGS = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0)
 
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # One worker per core (scripts/test): each worker, and every process it starts, uses one
+    # thread. More would spin-wait on the other workers' cores, and a count chosen from the
+    # load (edgevit.threads) could differ between two runs a test compares bit for bit.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:

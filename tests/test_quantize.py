@@ -71,9 +71,14 @@ def test_calibration_methods_give_different_scales_on_skewed_input(onnx_model: P
     scales = {}
     for method in ("minmax", "percentile", "entropy"):
         out = tmp_path / f"{method}.onnx"
-        quantize_int8(onnx_model, out, x, calibration_method=method, percentile=99.9, layout="tensorrt")
+        # the patch-embedding Conv alone: its input gets the same scale as with every op type
+        # quantized (each tensor's histogram is its own), without entropy's threshold search
+        # over the ~35 other tensors (34 s of the suite)
+        quantize_int8(onnx_model, out, x, calibration_method=method, percentile=99.9, layout="tensorrt",
+                      op_types=["Conv"])
         scales[method] = activation_scales(out)
-    tensor = next(iter(scales["minmax"]))  # the input of the first quantized op
+    tensor = next(iter(scales["minmax"]))  # the input of the first quantized op (the image)
+    assert tensor == "input"
     s = {m: v[tensor] for m, v in scales.items()}
     assert s["minmax"] > 2 * s["percentile"]  # the outliers set the min/max range, not the percentile one
     assert s["entropy"] != pytest.approx(s["minmax"]) and s["entropy"] != pytest.approx(s["percentile"])
