@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import yaml
@@ -74,21 +72,6 @@ def _build(point: Point) -> Any:
         raise EdgeVitError(f"predict: timm has no architecture {point.model!r}: {e}") from e
 
 
-@contextmanager
-def _unfused_attention(module: Any) -> Iterator[None]:
-    """What the timm adapter's export mode does, for any timm family: SDPA has no ONNX form
-    below opset 14, so every attention module with a ``fused_attn`` switch runs unfused."""
-    attns = [m for m in module.modules() if hasattr(m, "fused_attn")]
-    saved = [m.fused_attn for m in attns]
-    for m in attns:
-        m.fused_attn = False
-    try:
-        yield
-    finally:
-        for m, f in zip(attns, saved, strict=True):
-            m.fused_attn = f
-
-
 def export_point(point: Point, profile: DeviceProfile) -> Any:
     """The point's model as ONNX, exported as edgevit's export pass would for ``profile``: the
     adapter's export mode and :func:`edgevit.onnx_io.export_onnx` where an adapter knows the
@@ -116,7 +99,9 @@ def export_point(point: Point, profile: DeviceProfile) -> Any:
     x = torch.zeros(point.batch, 3, point.img_size, point.img_size)
     axes = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}} if dynamic else None
     buf = io.BytesIO()
-    with _unfused_attention(module), warnings.catch_warnings(), torch.no_grad():
+    from edgevit.graph.adapters.timm_attention import unfused_attention
+
+    with unfused_attention(module), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (x,), buf, opset_version=opset, dynamo=False, input_names=[INPUT],
                           output_names=[OUTPUT], dynamic_axes=axes, do_constant_folding=True)
