@@ -343,25 +343,26 @@ def edgevit_int8(src: Path, dst: Path, calib) -> None:  # noqa: ANN001
     pre.unlink()
 
 
-def ev_fused(src: Path, dst: Path, calib) -> None:  # noqa: ANN001
-    """What the export pass hands on for the host profile: attention as ORT's Attention kernel."""
+def ev_fused(src: Path, dst: Path, calib, attention: bool = False) -> None:  # noqa: ANN001
+    """What the export pass hands on for the host profile (its CPU form; ``attention``: with
+    export's cpu_attention, attention as ORT's Attention kernel)."""
     from edgevit.ort_fusion import fuse_for_cpu
 
-    fuse_for_cpu(src, dst, calib[:4])
+    fuse_for_cpu(src, dst, calib[:4], attention=attention)
 
 
-def ev_dynamic(src: Path, dst: Path, calib, fused: bool = False) -> None:  # noqa: ANN001
-    """quantize: {layout: ort_cpu_dynamic}, on the plain export or on the fused CPU form."""
+def ev_dynamic(src: Path, dst: Path, calib, fused: bool = False, attention: bool = False) -> None:  # noqa: ANN001
+    """quantize: {layout: ort_cpu_dynamic}, on the plain export or on the CPU form."""
     from edgevit.quantize.int8 import activation_matmuls, preprocess, quantize_dynamic_int8
 
     mid = dst.with_suffix(".fused.onnx")
     if fused:
-        ev_fused(src, mid, calib)
+        ev_fused(src, mid, calib, attention)
         src = mid
     pre = dst.with_suffix(".pre.onnx")
     preprocess(src, pre)
     with quiet():
-        quantize_dynamic_int8(pre, dst, ["MatMul", "Attention"] if fused else ["MatMul"],
+        quantize_dynamic_int8(pre, dst, ["MatMul", "Attention"] if attention else ["MatMul"],
                               nodes_to_exclude=activation_matmuls(pre))
     pre.unlink()
     mid.unlink(missing_ok=True)
@@ -442,10 +443,12 @@ QUANTIZERS = {  # name: (label, function, runtime); every one in a process of it
     "modelopt_fp16": ("ModelOpt, defaults (fp16)", lambda s, d, c: modelopt_ptq(s, d, c, "fp16"), "ort"),
     "ev": ("edgevit ort_cpu", edgevit_int8, "ort"),
     # CPU deployment forms (the host profile) and the CPU peers
-    "ev_fused": ("edgevit fused CPU form, FP32", ev_fused, "ort"),
-    "ev_dynamic": ("edgevit ort_cpu_dynamic", ev_dynamic, "ort"),
-    "ev_fused_static": ("edgevit fused + ort_cpu", ev_fused_static, "ort"),
-    "ev_fused_dynamic": ("edgevit fused + ort_cpu_dynamic", lambda s, d, c: ev_dynamic(s, d, c, True), "ort"),
+    "ev_fused": ("edgevit CPU form, FP32", ev_fused, "ort"),
+    "ev_dynamic": ("edgevit ort_cpu_dynamic (plain export)", ev_dynamic, "ort"),
+    "ev_fused_static": ("edgevit CPU form + ort_cpu", ev_fused_static, "ort"),
+    "ev_fused_dynamic": ("edgevit CPU form + ort_cpu_dynamic", lambda s, d, c: ev_dynamic(s, d, c, True), "ort"),
+    "ev_attention_dynamic": ("edgevit CPU form, Attention, + dynamic",
+                             lambda s, d, c: ev_dynamic(s, d, c, True, True), "ort"),
     "optimum_o2": ("Optimum ORTOptimizer O2", lambda s, d, c: optimum_form(s, d, c, "O2", False), "ort"),
     "optimum_o3": ("Optimum ORTOptimizer O3", lambda s, d, c: optimum_form(s, d, c, "O3", False), "ort"),
     "optimum_o3_int8": ("Optimum O3 + ORTQuantizer avx2 dynamic",
@@ -453,10 +456,10 @@ QUANTIZERS = {  # name: (label, function, runtime); every one in a process of it
     "openvino": ("OpenVINO FP32 (same ONNX)", openvino_fp32, "ov"),
     "openvino_nncf": ("OpenVINO + NNCF INT8 TRANSFORMER", openvino_nncf, "ov"),
 }
-GROUPS = {"ev_cpu": ("ev", "ev_fused", "ev_dynamic", "ev_fused_static", "ev_fused_dynamic"),
+GROUPS = {"ev_cpu": ("ev", "ev_fused", "ev_dynamic", "ev_fused_static", "ev_fused_dynamic", "ev_attention_dynamic"),
           "optimum": ("optimum_o2", "optimum_o3", "optimum_o3_int8"), "openvino": ("openvino", "openvino_nncf")}
 INT8_KEYS = {"ort", "nncf", "nncf_default", "modelopt", "modelopt_fp16", "ev", "ev_dynamic", "ev_fused_static",
-             "ev_fused_dynamic", "optimum_o3_int8", "openvino_nncf"}
+             "ev_fused_dynamic", "ev_attention_dynamic", "optimum_o3_int8", "openvino_nncf"}
 
 
 def quantize_apart(key: str, src: Path, dst: Path, calib_npy: Path) -> str | None:

@@ -1,17 +1,18 @@
-"""The host-CPU form of an exported ViT: ONNX Runtime's fused transformer kernels.
+"""The host-CPU form of an exported ViT: rewrites for ONNX Runtime's CPU kernels.
 
-ONNX Runtime has fused CPU kernels for transformers (``com.microsoft`` Attention,
-SkipLayerNormalization, BiasGelu). Its session (graph optimization level ALL) already fuses
-the LayerNorms, residual adds and GELUs of edgevit's exports when it loads them; its
-transformers optimizer (``onnxruntime.transformers.optimizer``, model type ``vit``) does the
-same offline, but neither fuses their attention: timm-style blocks compute q, k and v with
-one packed ``qkv`` projection (reshape to ``[B, N, 3, heads, head_dim]``), a pattern none of
-its attention fusions match. So the attention fusion here is edgevit's own rewrite into
-``Attention`` (whose weight is exactly that packed ``[C, 3C]`` layout), checked region by
-region against the unfused graph; a region whose output differs is left unfused. The
-offline optimizer is optional (``ort_optimizer``): on the CPU measured in the README its
-output ran slower than letting the session fuse. The result uses contrib ops: ONNX Runtime
-only, never a TensorRT (Jetson) target."""
+``fuse_for_cpu`` applies :mod:`edgevit.ort_rewrites` (constants resolved, the patch embedding
+as a MatMul, GELU as its tanh approximation) and, optionally, an attention fusion. ONNX
+Runtime's session (graph optimization level ALL) already fuses the LayerNorms, bias adds and
+GELUs of edgevit's exports when it loads them; its transformers optimizer
+(``onnxruntime.transformers.optimizer``, model type ``vit``) does the same offline, but
+neither fuses their attention: timm-style blocks compute q, k and v with one packed ``qkv``
+projection (reshape to ``[B, N, 3, heads, head_dim]``), a pattern none of its attention
+fusions match. So the attention fusion here is edgevit's own rewrite into ``Attention``
+(whose weight is exactly that packed ``[C, 3C]`` layout), checked region by region against
+the unfused graph; a region whose output differs is left unfused. It is off by default, as is
+the offline optimizer (``ort_optimizer``): on the CPU measured in the README both ran slower
+than the unfused graph. The result uses contrib ops: ONNX Runtime only, never a TensorRT
+(Jetson) target."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class FusionResult:
     """What the rewrite did: fused op counts, and the attention regions left unfused."""
 
     ops: dict[str, int] = field(default_factory=dict)
+    rewrites: dict[str, int] = field(default_factory=dict)  # ort_rewrites: how many of each
     attention_regions: int = 0
     attention_fused: int = 0
     unfused_regions: list[str] = field(default_factory=list)
@@ -167,7 +169,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list]:
     except Exception:  # noqa: BLE001 - no shapes: no attention region is recognized
         return {}
     out = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         dims = vi.type.tensor_type.shape.dim
         out[vi.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
     return out
@@ -261,6 +263,12 @@ def _region_errors(model: onnx.ModelProto, fused: onnx.ModelProto, regions: list
 
 def fuse_attention(model: onnx.ModelProto, images: np.ndarray) -> tuple[onnx.ModelProto, FusionResult]:
     """Packed-qkv attention regions → ``com.microsoft.Attention``, each checked on ``images``."""
+    from edgevit.ort_rewrites import fold_identities
+
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    if fold_identities(folded):  # a repeated constant (zero qkv biases) must read as a constant
+        model = folded
     regions = _find_regions(model, _shapes(model))
     result = FusionResult(attention_regions=sum(n.op_type == "Softmax" for n in model.graph.node))
     if not regions:
@@ -296,18 +304,30 @@ def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
-def fuse_for_cpu(src: Path, dst: Path, images: np.ndarray, ort_optimizer: bool = False) -> FusionResult:
-    """Write the host-CPU form of ``src`` to ``dst`` (atomically): edgevit's attention
-    fusion, then (``ort_optimizer``) ONNX Runtime's offline transformer fusions. ``images``:
-    a few real inputs for the per-region check (the caller gates the whole model's parity)."""
+def fuse_for_cpu(src: Path, dst: Path, images: np.ndarray, attention: bool = False, approximate_gelu: bool = True,
+                 ort_optimizer: bool = False) -> FusionResult:
+    """Write the host-CPU form of ``src`` to ``dst`` (atomically): constants resolved, the
+    patch embedding as a MatMul, (``approximate_gelu``) GELU as FastGelu, (``attention``)
+    edgevit's attention fusion, then (``ort_optimizer``) ONNX Runtime's offline transformer
+    fusions. ``images``: a few real inputs for the per-region check (the caller gates the whole
+    model's parity)."""
+    from edgevit import ort_rewrites
+
     model = onnx.load(str(src))
-    fused, result = fuse_attention(model, images.astype(np.float32))
+    rewrites = {"identities_folded": ort_rewrites.fold_identities(model)}
+    rewrites["patch_embedding_matmul"] = ort_rewrites.patch_embedding_matmul(model, _shapes(model))
+    rewrites["fast_gelu"] = ort_rewrites.approximate_gelu(model) if approximate_gelu else 0
+    if attention:
+        fused, result = fuse_attention(model, images.astype(np.float32))
+    else:
+        fused, result = model, FusionResult(attention_regions=sum(n.op_type == "Softmax" for n in model.graph.node))
+    result.rewrites = rewrites
     if ort_optimizer:
         try:
-            fused = _with_ms_opset(ort_transformer_fusions(fused))
+            fused = ort_transformer_fusions(fused)
         except Exception as e:  # noqa: BLE001 - ORT's optimizer raises anything; one line for the user
             raise EdgeVitError(f"export: ONNX Runtime's transformer fusions failed on {src.name}: {e}") from e
-    fused = _typed(fused)
+    fused = _typed(_with_ms_opset(fused))
     with atomic_path(Path(dst)) as tmp:
         onnx.save(fused, str(tmp))
         onnx.checker.check_model(str(tmp))

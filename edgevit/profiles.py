@@ -48,6 +48,8 @@ class DeviceProfile(BaseModel):
     max_opset: int = Field(17, ge=11)
     static_batch: bool = Field(False, description="export with batch fixed to 1 (engines built for one shape)")
     layernorm_op: bool = Field(True, description="the runtime has a LayerNormalization op (TensorRT >= 8.6)")
+    cpu_form: bool = Field(False, description="export hands on the ONNX Runtime CPU form (edgevit.ort_fusion: "
+                           "contrib ops, so onnxruntime profiles only)")
     roofline: RooflineFit | None = Field(None, description="latency model fitted to published measurements "
                                          "(bench/predict.py --write)")
     caveats: list[str] = Field(default_factory=list)
@@ -58,6 +60,8 @@ class DeviceProfile(BaseModel):
         unknown = [k for k in self.sources if k not in type(self).model_fields]
         if unknown:
             raise ValueError(f"sources names {unknown[0]!r}, which is not a profile fact")
+        if self.cpu_form and self.runtime != "onnxruntime":
+            raise ValueError(f"cpu_form needs runtime onnxruntime (ONNX Runtime contrib ops), not {self.runtime}")
         return self
 
     def supports(self, precision: str) -> bool:

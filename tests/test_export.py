@@ -91,7 +91,7 @@ def test_cpu_form_fuses_every_attention_with_parity(tiny_graph: ModelGraph, tmp_
     plain, cpu = tmp_path / "m.onnx", tmp_path / "m.cpu.onnx"
     _simplified_export(tiny_graph, plain)
     x = torch.randn(6, 3, 32, 32)
-    result = fuse_for_cpu(plain, cpu, x.numpy()[:2])
+    result = fuse_for_cpu(plain, cpu, x.numpy()[:2], attention=True, approximate_gelu=False)
     depth = len(tiny_graph.spec.blocks)  # packed qkv (timm) and separate q, k, v (HF, SimpleViT) alike
     assert result.attention_fused == result.attention_regions == depth and not result.unfused_regions
     ops = op_counts(cpu)
@@ -128,32 +128,43 @@ def test_attention_fusion_leaves_a_region_it_got_wrong_unfused(tmp_path, monkeyp
     assert np.abs(run_batches(session(out), x.numpy()) - ref).max() < 1e-4
 
 
-def _export_recipe(profile: str, layout: str = "ort_cpu_dynamic", cpu_fusion: bool = True) -> dict:
+def _export_recipe(profile: str, layout: str = "ort_cpu_dynamic", export: dict | None = None) -> dict:
     from tests.conftest import tiny_recipe_data
 
     return tiny_recipe_data(profile=profile, passes=[
         {"adapt": {"epochs": 1, "lr": 0.003, "warmup_epochs": 0}},
-        {"export": {"parity_samples": 16, "cpu_fusion": cpu_fusion}},
+        {"export": {"parity_samples": 16, **(export or {})}},
         {"quantize": {"eval_samples": 32, "layout": layout}},
     ])
 
 
-@pytest.mark.parametrize("layout", ["ort_cpu_dynamic", "ort_cpu"])
-def test_host_profile_gets_the_fused_cpu_form_and_int8_on_it(tmp_path, layout: str) -> None:
+@pytest.mark.parametrize(("layout", "attention"), [("ort_cpu_dynamic", False), ("ort_cpu_dynamic", True),
+                                                   ("ort_cpu", True)])
+def test_host_profile_gets_the_cpu_form_and_int8_on_it(tmp_path, layout: str, attention: bool) -> None:
     import json
 
     from tests.conftest import run_pipeline
 
-    run_pipeline(_export_recipe("host", layout), tmp_path / "run")
+    # no cpu_fusion in the recipe: the host profile's cpu_form decides
+    run_pipeline(_export_recipe("host", layout, {"cpu_attention": attention} if attention else None), tmp_path / "run")
     stage = tmp_path / "run" / "02-export"
     m = json.loads((stage / "metrics.json").read_text())["metrics"]
-    assert m["cpu_form"]["attention_fused"] == 2 and m["cpu_form"]["parity"]["max_abs_diff"] < 1e-3
+    assert m["cpu_form"]["rewrites"]["patch_embedding_matmul"] == 1 and m["cpu_form"]["rewrites"]["fast_gelu"] == 2
+    assert m["cpu_form"]["attention_fused"] == (2 if attention else 0)
+    assert m["cpu_form"]["parity"]["max_abs_diff"] < 1e-3
     artifacts = json.loads((stage / "graph.json").read_text())["artifacts"]
     assert artifacts["onnx"] == "model.cpu.onnx" and artifacts["onnx_portable"] == "model.onnx"
     q = tmp_path / "run" / "03-quantize" / "model.int8.onnx"
     ops = op_counts(q)
-    if layout == "ort_cpu_dynamic":  # attention's projection in INT8 too
+    assert "Conv" not in ops and ops.get("FastGelu") == 2  # the patch embedding is a (quantized) MatMul
+    if layout == "ort_cpu_dynamic" and attention:  # attention's projection in INT8 too
         assert ops.get("QAttention") == 2 and "Attention" not in ops and "Softmax" not in ops
+    elif layout == "ort_cpu_dynamic":  # every linear in INT8, the patch embedding's MatMul included
+        cpu = onnx.load(str(stage / "model.cpu.onnx"))
+        weights = {i.name for i in cpu.graph.initializer}
+        linears = [n for n in cpu.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+        assert any("patchify" in n.name for n in linears)
+        assert ops.get("MatMulInteger") == len(linears) and ops.get("Softmax") == 2
     else:  # static QDQ on the linears around the float Attention kernel
         assert ops.get("Attention") == 2 and ops.get("DequantizeLinear", 0) > 0 and "Softmax" not in ops
     assert json.loads((tmp_path / "run" / "03-quantize" / "metrics.json").read_text())["metrics"]["parity"][
@@ -164,7 +175,7 @@ def test_jetson_path_stays_plain_opset_13_without_contrib_ops(tmp_path) -> None:
     from edgevit.errors import EdgeVitError
     from tests.conftest import run_pipeline
 
-    data = _export_recipe("jetson-nano", cpu_fusion=False)
+    data = _export_recipe("jetson-nano")  # the profile decides: no CPU form
     data["passes"] = data["passes"][:2]
     run_pipeline(data, tmp_path / "run")
     stage = tmp_path / "run" / "02-export"

@@ -1,9 +1,9 @@
 """export: ONNX with a parity check against the torch model on real inputs.
 
-With ``cpu_fusion`` (ONNX Runtime profiles, e.g. the host CPU) the stage also writes the fused
-CPU form (``model.cpu.onnx``: attention as ONNX Runtime's ``Attention`` kernel, see
-:mod:`edgevit.ort_fusion`), gated by the same parity check, and hands it on as the stage's
-``onnx``; the plain export stays as ``onnx_portable``. TensorRT profiles (the Jetson path)
+With ``cpu_fusion`` (by default where the profile says ``cpu_form``: the host CPU) the stage
+also writes the ONNX Runtime CPU form (``model.cpu.onnx``, see :mod:`edgevit.ort_fusion`),
+gated by the same parity check, and hands it on as the stage's ``onnx``; the plain export
+stays as ``onnx_portable``. TensorRT profiles (the Jetson path)
 get the plain export only: no contrib ops.
 
 A segmenter exports at its input size (the Resize of its upsample included) and is gated per
@@ -36,9 +36,13 @@ class ExportConfig(PassConfig):
     atol: float = Field(1e-3, gt=0, description="largest allowed |logit difference|")
     min_agreement: float = Field(0.99, ge=0, le=1, description="smallest allowed top-1 agreement; a segmenter: "
                                  "the smallest fraction of pixels whose argmax class agrees")
-    cpu_fusion: bool = Field(False, description="also write the fused ONNX Runtime CPU form (attention as "
-                             "com.microsoft.Attention) and hand it on; ONNX Runtime profiles only (not TensorRT); "
-                             "off by default: not measured faster on the CPU in the README")
+    cpu_fusion: bool | None = Field(None, description="also write the ONNX Runtime CPU form (edgevit.ort_fusion: "
+                                    "patch embedding as a MatMul, tanh GELU) and hand it on; ONNX Runtime profiles "
+                                    "only (not TensorRT); default: the profile's cpu_form (host: yes)")
+    cpu_attention: bool = Field(False, description="CPU form: attention as com.microsoft.Attention (QAttention "
+                                "under dynamic INT8); off by default: measured slower (README)")
+    approximate_gelu: bool = Field(True, description="CPU form: GELU as its tanh approximation (FastGelu, "
+                                   "|error| < 5e-4), gated by the same parity check")
 
 
 class ExportPass(Pass):
@@ -75,13 +79,15 @@ class ExportPass(Pass):
             "ops": op_counts(path),
         }
         graph.artifacts["onnx"] = path
-        if cfg.cpu_fusion:
+        cpu_form = cfg.cpu_fusion if cfg.cpu_fusion is not None else (ctx.profile is not None
+                                                                        and ctx.profile.cpu_form)
+        if cpu_form:
             if ctx.profile is not None and ctx.profile.runtime == "tensorrt":
                 raise EdgeVitError(f"passes.export.cpu_fusion: {ctx.profile.name} runs TensorRT, which has no "
                                    "ONNX Runtime contrib ops; set cpu_fusion: false")
             fused = ctx.stage_dir / "model.cpu.onnx"
-            result = fuse_for_cpu(path, fused, images.numpy()[:4])
-            self.metrics["cpu_form"] = {"attention_fused": result.attention_fused,
+            result = fuse_for_cpu(path, fused, images.numpy()[:4], cfg.cpu_attention, cfg.approximate_gelu)
+            self.metrics["cpu_form"] = {"rewrites": result.rewrites, "attention_fused": result.attention_fused,
                                         "attention_regions": result.attention_regions,
                                         "unfused_regions": result.unfused_regions, "fused_ops": result.ops,
                                         "parity": self._parity(cfg, fused, images.numpy(), ref,
