@@ -70,7 +70,7 @@ the peers come with pip install -e '.[bench]'.
 #  - ov.convert_model on the same ONNX; compile_model with PERFORMANCE_HINT LATENCY and
 #    INFERENCE_NUM_THREADS (the thread count every ONNX Runtime model gets) set by hand.
 #  - NNCF on the OpenVINO model: nncf.Dataset, subset_size, model_type TRANSFORMER by hand.
-# edgevit CPU forms: quantize: {layout: ort_cpu_dynamic}; the fused form is export: {cpu_fusion: true}.
+# edgevit CPU forms: the host profile's export (its CPU form) and quantize: {layout: ort_cpu_dynamic}.
 # ---- end by hand ----
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ import copy
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -343,15 +344,15 @@ def edgevit_int8(src: Path, dst: Path, calib) -> None:  # noqa: ANN001
     pre.unlink()
 
 
-def ev_fused(src: Path, dst: Path, calib, attention: bool = False) -> None:  # noqa: ANN001
-    """What the export pass hands on for the host profile (its CPU form; ``attention``: with
+def ev_fused(src: Path, dst: Path, calib, attention: bool = True) -> None:  # noqa: ANN001
+    """What the export pass hands on for the host profile: its CPU form (``attention``:
     export's cpu_attention, attention as ORT's Attention kernel)."""
     from edgevit.ort_fusion import fuse_for_cpu
 
     fuse_for_cpu(src, dst, calib[:4], attention=attention)
 
 
-def ev_dynamic(src: Path, dst: Path, calib, fused: bool = False, attention: bool = False) -> None:  # noqa: ANN001
+def ev_dynamic(src: Path, dst: Path, calib, fused: bool = False, attention: bool = True) -> None:  # noqa: ANN001
     """quantize: {layout: ort_cpu_dynamic}, on the plain export or on the CPU form."""
     from edgevit.quantize.int8 import activation_matmuls, preprocess, quantize_dynamic_int8
 
@@ -362,7 +363,7 @@ def ev_dynamic(src: Path, dst: Path, calib, fused: bool = False, attention: bool
     pre = dst.with_suffix(".pre.onnx")
     preprocess(src, pre)
     with quiet():
-        quantize_dynamic_int8(pre, dst, ["MatMul", "Attention"] if attention else ["MatMul"],
+        quantize_dynamic_int8(pre, dst, ["MatMul", "Attention"] if fused and attention else ["MatMul"],
                               nodes_to_exclude=activation_matmuls(pre))
     pre.unlink()
     mid.unlink(missing_ok=True)
@@ -447,8 +448,8 @@ QUANTIZERS = {  # name: (label, function, runtime); every one in a process of it
     "ev_dynamic": ("edgevit ort_cpu_dynamic (plain export)", ev_dynamic, "ort"),
     "ev_fused_static": ("edgevit CPU form + ort_cpu", ev_fused_static, "ort"),
     "ev_fused_dynamic": ("edgevit CPU form + ort_cpu_dynamic", lambda s, d, c: ev_dynamic(s, d, c, True), "ort"),
-    "ev_attention_dynamic": ("edgevit CPU form, Attention, + dynamic",
-                             lambda s, d, c: ev_dynamic(s, d, c, True, True), "ort"),
+    "ev_noattention_dynamic": ("edgevit CPU form, no Attention, + dynamic",
+                               lambda s, d, c: ev_dynamic(s, d, c, True, False), "ort"),
     "optimum_o2": ("Optimum ORTOptimizer O2", lambda s, d, c: optimum_form(s, d, c, "O2", False), "ort"),
     "optimum_o3": ("Optimum ORTOptimizer O3", lambda s, d, c: optimum_form(s, d, c, "O3", False), "ort"),
     "optimum_o3_int8": ("Optimum O3 + ORTQuantizer avx2 dynamic",
@@ -456,10 +457,11 @@ QUANTIZERS = {  # name: (label, function, runtime); every one in a process of it
     "openvino": ("OpenVINO FP32 (same ONNX)", openvino_fp32, "ov"),
     "openvino_nncf": ("OpenVINO + NNCF INT8 TRANSFORMER", openvino_nncf, "ov"),
 }
-GROUPS = {"ev_cpu": ("ev", "ev_fused", "ev_dynamic", "ev_fused_static", "ev_fused_dynamic", "ev_attention_dynamic"),
+GROUPS = {"ev_cpu": ("ev", "ev_fused", "ev_dynamic", "ev_fused_static", "ev_fused_dynamic",
+                    "ev_noattention_dynamic"),
           "optimum": ("optimum_o2", "optimum_o3", "optimum_o3_int8"), "openvino": ("openvino", "openvino_nncf")}
 INT8_KEYS = {"ort", "nncf", "nncf_default", "modelopt", "modelopt_fp16", "ev", "ev_dynamic", "ev_fused_static",
-             "ev_fused_dynamic", "ev_attention_dynamic", "optimum_o3_int8", "openvino_nncf"}
+             "ev_fused_dynamic", "ev_noattention_dynamic", "optimum_o3_int8", "openvino_nncf"}
 
 
 def quantize_apart(key: str, src: Path, dst: Path, calib_npy: Path) -> str | None:
@@ -576,6 +578,9 @@ def int8_nodes(path: Path) -> str:
     from edgevit.quantize.int8 import quantized_nodes
 
     ops = op_counts(path)
+    dynamic = ops.get("MatMulInteger", 0) + ops.get("QAttention", 0)  # dynamic INT8: quantized at run time
+    if dynamic:
+        return f"{dynamic} MatMulInteger/QAttention, {ops.get('DynamicQuantizeLinear', 0)} DynamicQuantizeLinear"
     return f"{len(quantized_nodes(path))} MatMul/Gemm/Conv in INT8, {ops.get('QuantizeLinear', 0)} QuantizeLinear"
 
 
@@ -760,8 +765,11 @@ def main() -> None:
           + ("  (--quick)" if q else ""))
     tmp = Path(tempfile.mkdtemp(prefix="edgevit-bench-peers-"))
 
-    pr = pruning(args, graph, data, device, t_top1) if not args.skip_prune else None
-    qr = int8(args, graph, data, tmp) if not args.skip_int8 else None
+    try:
+        pr = pruning(args, graph, data, device, t_top1) if not args.skip_prune else None
+        qr = int8(args, graph, data, tmp) if not args.skip_int8 else None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # every form of two models: hundreds of MB
 
     print("\nBy hand (what each tool needed beyond its one call):")
     print(by_hand())

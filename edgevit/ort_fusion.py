@@ -1,7 +1,7 @@
 """The host-CPU form of an exported ViT: rewrites for ONNX Runtime's CPU kernels.
 
 ``fuse_for_cpu`` applies :mod:`edgevit.ort_rewrites` (constants resolved, the patch embedding
-as a MatMul, GELU as its tanh approximation) and, optionally, an attention fusion. ONNX
+as a MatMul, GELU as its tanh approximation) and an attention fusion. ONNX
 Runtime's session (graph optimization level ALL) already fuses the LayerNorms, bias adds and
 GELUs of edgevit's exports when it loads them; its transformers optimizer
 (``onnxruntime.transformers.optimizer``, model type ``vit``) does the same offline, but
@@ -9,10 +9,10 @@ neither fuses their attention: timm-style blocks compute q, k and v with one pac
 projection (reshape to ``[B, N, 3, heads, head_dim]``), a pattern none of its attention
 fusions match. So the attention fusion here is edgevit's own rewrite into ``Attention``
 (whose weight is exactly that packed ``[C, 3C]`` layout), checked region by region against
-the unfused graph; a region whose output differs is left unfused. It is off by default, as is
-the offline optimizer (``ort_optimizer``): on the CPU measured in the README both ran slower
-than the unfused graph. The result uses contrib ops: ONNX Runtime only, never a TensorRT
-(Jetson) target."""
+the unfused graph; a region whose output differs is left unfused. The offline optimizer
+(``ort_optimizer``) is optional: on the CPU measured in the README it ran slower than letting
+the session fuse. The result uses contrib ops: ONNX Runtime only, never a TensorRT (Jetson)
+target."""
 
 from __future__ import annotations
 
@@ -304,7 +304,7 @@ def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
-def fuse_for_cpu(src: Path, dst: Path, images: np.ndarray, attention: bool = False, approximate_gelu: bool = True,
+def fuse_for_cpu(src: Path, dst: Path, images: np.ndarray, attention: bool = True, approximate_gelu: bool = True,
                  ort_optimizer: bool = False) -> FusionResult:
     """Write the host-CPU form of ``src`` to ``dst`` (atomically): constants resolved, the
     patch embedding as a MatMul, (``approximate_gelu``) GELU as FastGelu, (``attention``)

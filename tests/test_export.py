@@ -145,8 +145,8 @@ def test_host_profile_gets_the_cpu_form_and_int8_on_it(tmp_path, layout: str, at
 
     from tests.conftest import run_pipeline
 
-    # no cpu_fusion in the recipe: the host profile's cpu_form decides
-    run_pipeline(_export_recipe("host", layout, {"cpu_attention": attention} if attention else None), tmp_path / "run")
+    # no cpu_fusion in the recipe: the host profile's cpu_form decides; attention fused unless turned off
+    run_pipeline(_export_recipe("host", layout, None if attention else {"cpu_attention": False}), tmp_path / "run")
     stage = tmp_path / "run" / "02-export"
     m = json.loads((stage / "metrics.json").read_text())["metrics"]
     assert m["cpu_form"]["rewrites"]["patch_embedding_matmul"] == 1 and m["cpu_form"]["rewrites"]["fast_gelu"] == 2
@@ -169,6 +169,19 @@ def test_host_profile_gets_the_cpu_form_and_int8_on_it(tmp_path, layout: str, at
         assert ops.get("Attention") == 2 and ops.get("DequantizeLinear", 0) > 0 and "Softmax" not in ops
     assert json.loads((tmp_path / "run" / "03-quantize" / "metrics.json").read_text())["metrics"]["parity"][
         "top1_agreement"] >= 0.9
+
+
+def test_cpu_form_falls_back_to_exact_gelu_where_the_tanh_one_fails_parity(tmp_path) -> None:
+    import json
+
+    from tests.conftest import run_pipeline
+
+    data = _export_recipe("host", export={"atol": 3e-5})  # the plain export passes, tanh GELU's error does not
+    data["passes"] = data["passes"][:2]
+    run_pipeline(data, tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "02-export" / "metrics.json").read_text())["metrics"]
+    assert m["parity"]["max_abs_diff"] < 3e-5 and m["cpu_form"]["rewrites"]["fast_gelu"] == 0
+    assert m["cpu_form"]["parity"]["max_abs_diff"] < 3e-5 and "FastGelu" not in m["cpu_form"]["fused_ops"]
 
 
 def test_jetson_path_stays_plain_opset_13_without_contrib_ops(tmp_path) -> None:
