@@ -23,10 +23,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgevit import ort_rewrites
 from edgevit.errors import EdgeVitError
 from edgevit.fileio import atomic_path
+from edgevit.ort_rewrites import MS_DOMAIN, GraphIndex
 
-MS_DOMAIN = "com.microsoft"
 # Ops that only move data between the packed qkv tensor and q, k, v (never change values).
 LAYOUT_OPS = frozenset({"Transpose", "Squeeze", "Unsqueeze", "Split", "Gather", "Reshape", "Identity"})
 # A region's output may differ from the unfused graph's by this much (relative to its scale):
@@ -56,42 +57,7 @@ class _Region:
     scale: float
 
 
-class _Graph:
-    """Producer/consumer maps and constant lookup over one ONNX graph."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        g = model.graph
-        self.inits = {i.name: i for i in g.initializer}
-        self.producer = {o: n for n in g.node for o in n.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in g.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-
-    def const(self, name: str) -> np.ndarray | None:
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        n = self.producer.get(name)
-        if n is not None and n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-        return None
-
-    def scalar(self, n: onnx.NodeProto) -> tuple[str, float] | None:
-        """(the other input, the constant) of a Mul/Div by one constant scalar."""
-        if n.op_type not in ("Mul", "Div") or len(n.input) != 2:
-            return None
-        for k in (1, 0) if n.op_type == "Mul" else (1,):
-            c = self.const(n.input[k])
-            if c is not None and c.size == 1:
-                v = float(c.reshape(-1)[0])
-                return n.input[1 - k], v if n.op_type == "Mul" else 1.0 / v
-        return None
-
-
-def _packed_projection(g: _Graph, name: str) -> tuple[onnx.NodeProto, float] | None:
+def _packed_projection(g: GraphIndex, name: str) -> tuple[onnx.NodeProto, float] | None:
     """Walk up from q, k or v through layout ops and constant scalings to the packed
     projection (the bias Add, else the MatMul); returns it with the scaling met on the way."""
     scale = 1.0
@@ -111,7 +77,7 @@ def _packed_projection(g: _Graph, name: str) -> tuple[onnx.NodeProto, float] | N
     return None
 
 
-def _qkv_matmul(g: _Graph, n: onnx.NodeProto) -> tuple[onnx.NodeProto, str | None] | None:
+def _qkv_matmul(g: GraphIndex, n: onnx.NodeProto) -> tuple[onnx.NodeProto, str | None] | None:
     """The MatMul with a constant [C, 3C] weight behind ``n`` and its bias initializer name."""
     if n.op_type == "MatMul":
         return (n, None) if g.const(n.input[1]) is not None else None
@@ -124,7 +90,7 @@ def _qkv_matmul(g: _Graph, n: onnx.NodeProto) -> tuple[onnx.NodeProto, str | Non
 
 
 def _find_regions(model: onnx.ModelProto, shapes: dict[str, list]) -> list[_Region]:
-    g = _Graph(model)
+    g = GraphIndex(model)
     regions = []
     for sm in (n for n in model.graph.node if n.op_type == "Softmax"):
         name, s_scale = sm.input[0], 1.0
@@ -263,11 +229,9 @@ def _region_errors(model: onnx.ModelProto, fused: onnx.ModelProto, regions: list
 
 def fuse_attention(model: onnx.ModelProto, images: np.ndarray) -> tuple[onnx.ModelProto, FusionResult]:
     """Packed-qkv attention regions → ``com.microsoft.Attention``, each checked on ``images``."""
-    from edgevit.ort_rewrites import fold_identities
-
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
-    if fold_identities(folded):  # a repeated constant (zero qkv biases) must read as a constant
+    if ort_rewrites.fold_identities(folded):  # a repeated constant (zero qkv biases) must read as a constant
         model = folded
     regions = _find_regions(model, _shapes(model))
     result = FusionResult(attention_regions=sum(n.op_type == "Softmax" for n in model.graph.node))
@@ -311,8 +275,6 @@ def fuse_for_cpu(src: Path, dst: Path, images: np.ndarray, attention: bool = Tru
     edgevit's attention fusion, then (``ort_optimizer``) ONNX Runtime's offline transformer
     fusions. ``images``: a few real inputs for the per-region check (the caller gates the whole
     model's parity)."""
-    from edgevit import ort_rewrites
-
     model = onnx.load(str(src))
     rewrites = {"identities_folded": ort_rewrites.fold_identities(model)}
     rewrites["patch_embedding_matmul"] = ort_rewrites.patch_embedding_matmul(model, _shapes(model))

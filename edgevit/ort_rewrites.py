@@ -6,8 +6,8 @@ runs faster on a CPU; the caller gates the whole model's parity:
   fresh model) once and the others as ``Identity`` of it; consumers read the initializer
   itself, so the other rewrites (and the quantizer) see constants where there are constants.
 - ``patch_embedding_matmul``: a patch embedding (a Conv whose stride is its kernel, no
-  padding, followed by flatten and transpose to tokens) becomes patchify (Reshape, Transpose)
-  and one MatMul: the same sums, but a MatMul that INT8 quantization covers (ONNX Runtime's
+  padding, followed by flatten and transpose to tokens) becomes patchify (SpaceToDepth,
+  Transpose, Reshape) and one MatMul: the same sums, but a MatMul that INT8 quantization covers (ONNX Runtime's
   dynamic INT8 has no Conv; its float Conv ran slower than the rewrite: README).
 - ``approximate_gelu``: the exact (erf) GELU becomes ``com.microsoft.FastGelu``, its tanh
   approximation (|error| < 5e-4 for every input; what Optimum's O3 level does), whose kernel
@@ -26,8 +26,9 @@ from onnx import helper, numpy_helper
 MS_DOMAIN = "com.microsoft"
 
 
-class _Index:
-    """Producer/consumer maps and constants of one graph (rebuilt after each rewrite)."""
+class GraphIndex:
+    """Producer/consumer maps and constants of one ONNX graph (rebuilt after each rewrite;
+    :mod:`edgevit.ort_fusion` reads graphs through it too)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         g = model.graph
@@ -47,6 +48,17 @@ class _Index:
             for a in n.attribute:
                 if a.name == "value":
                     return numpy_helper.to_array(a.t)
+        return None
+
+    def scalar(self, n: onnx.NodeProto) -> tuple[str, float] | None:
+        """(the other input, the factor) of a Mul or Div by one constant scalar."""
+        if n.op_type not in ("Mul", "Div") or len(n.input) != 2:
+            return None
+        for k in (1, 0) if n.op_type == "Mul" else (1,):
+            c = self.const(n.input[k])
+            if c is not None and c.size == 1:
+                v = float(c.reshape(-1)[0])
+                return n.input[1 - k], v if n.op_type == "Mul" else 1.0 / v
         return None
 
     def only_consumer(self, name: str) -> onnx.NodeProto | None:
@@ -117,7 +129,7 @@ def patch_embedding_matmul(model: onnx.ModelProto, shapes: dict[str, list]) -> i
     """Conv(kernel == stride, no padding) → flatten(2) → transpose(1, 2) becomes patchify + MatMul."""
     done = 0
     for key in _outputs_of(model, "Conv"):
-        ix = _Index(model)
+        ix = GraphIndex(model)
         conv = ix.producer[key]
         w = ix.const(conv.input[1])
         x_shape = shapes.get(conv.input[0])
@@ -184,7 +196,7 @@ def patch_embedding_matmul(model: onnx.ModelProto, shapes: dict[str, list]) -> i
     return done
 
 
-def _sole_use(ix: _Index, name: str) -> onnx.NodeProto | None:
+def _sole_use(ix: GraphIndex, name: str) -> onnx.NodeProto | None:
     """The one consumer of ``name`` besides Shape nodes (the exporter computes reshape targets
     and the batch size from them; the rewrite computes those from its input instead)."""
     uses = [n for n in ix.consumers.get(name, []) if n.op_type != "Shape"]
@@ -198,33 +210,19 @@ def _dangling(model: onnx.ModelProto) -> list[str]:
     return [i for n in model.graph.node for i in n.input if i not in have]
 
 
-def _scalar(ix: _Index, n: onnx.NodeProto, op: str) -> tuple[str, float] | None:
-    """(the other input, the constant) of ``op`` (Mul or Div) by one constant scalar."""
-    if n.op_type != op or len(n.input) != 2:
-        return None
-    for k in (1, 0) if op == "Mul" else (1,):
-        v = ix.const(n.input[k])
-        if v is not None and v.size == 1:
-            return n.input[1 - k], float(v.reshape(-1)[0])
-    return None
-
-
 def approximate_gelu(model: onnx.ModelProto) -> int:
     """x * 0.5 * (1 + erf(x / sqrt 2)), as torch exports it, → FastGelu(x)."""
     done = 0
     for key in _outputs_of(model, "Erf"):
-        ix = _Index(model)
+        ix = GraphIndex(model)
         erf = ix.producer[key]
         pre = ix.producer.get(erf.input[0])
         if pre is None:
             continue
-        div, mul = _scalar(ix, pre, "Div"), _scalar(ix, pre, "Mul")
-        if div is not None and math.isclose(div[1], math.sqrt(2), rel_tol=1e-4):
-            x = div[0]
-        elif mul is not None and math.isclose(mul[1], 1 / math.sqrt(2), rel_tol=1e-4):
-            x = mul[0]
-        else:
+        scaled = ix.scalar(pre)  # x / sqrt 2
+        if scaled is None or not math.isclose(scaled[1], 1 / math.sqrt(2), rel_tol=1e-4):
             continue
+        x = scaled[0]
         add = ix.only_consumer(erf.output[0])
         if add is None or add.op_type != "Add":
             continue
@@ -238,13 +236,13 @@ def approximate_gelu(model: onnx.ModelProto) -> int:
         nodes, src = [pre, erf, add, m1], [i for i in m1.input if i != add.output[0]]
         if src == [x]:  # (x * (1 + erf)) * 0.5
             m2 = ix.only_consumer(m1.output[0])
-            half = _scalar(ix, m2, "Mul") if m2 is not None else None
+            half = ix.scalar(m2) if m2 is not None else None
             if half is None or half[0] != m1.output[0] or half[1] != 0.5:
                 continue
             nodes.append(m2)
         else:  # (x * 0.5) * (1 + erf)
             xh = ix.producer.get(src[0]) if len(src) == 1 else None
-            half = _scalar(ix, xh, "Mul") if xh is not None else None
+            half = ix.scalar(xh) if xh is not None else None
             if half is None or half[0] != x or half[1] != 0.5 or ix.only_consumer(xh.output[0]) is not m1:
                 continue
             nodes.append(xh)
