@@ -140,10 +140,11 @@ def patch_embedding_matmul(model: onnx.ModelProto, shapes: dict[str, list]) -> i
         if (list(_attr(conv, "strides", [1, 1])) != [kh, kw] or any(_attr(conv, "pads", [0, 0, 0, 0]))
                 or any(v != 1 for v in _attr(conv, "dilations", [1, 1])) or _attr(conv, "group", 1) != 1
                 or _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or cx != c
-                or not isinstance(h, int) or not isinstance(wd, int) or h % kh or wd % kw):
+                or not isinstance(h, int) or not isinstance(wd, int) or h % kh or wd % kw
+                or kh != kw):  # square patches: SpaceToDepth has one block size
             continue
-        flat = _sole_use(ix, conv.output[0])
-        if flat is None or flat.op_type not in ("Flatten", "Reshape"):
+        flat = _sole_use(ix, conv.output[0])  # flatten(2) exports as Reshape to [B, D, h * w]
+        if flat is None or flat.op_type != "Reshape":
             continue
         if shapes.get(flat.output[0], [None])[1:] != [d, (h // kh) * (wd // kw)]:
             continue
@@ -153,10 +154,7 @@ def patch_embedding_matmul(model: onnx.ModelProto, shapes: dict[str, list]) -> i
         gh, gw, k = h // kh, wd // kw, c * kh * kw
         p = conv.output[0] + "/patchify"
         bias = ix.const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
-        # SpaceToDepth puts patch pixel (i, j) of channel c at depth (i * kw + j) * c_in + c
-        # (DCR); square patches only (its one block size)
-        if kh != kw:
-            continue
+        # SpaceToDepth puts patch pixel (i, j) of channel c at depth (i * kw + j) * c_in + c (DCR)
         weight = w.transpose(2, 3, 1, 0).reshape(k, d).astype(np.float32)
         inits = [numpy_helper.from_array(np.array([0, gh * gw, k], np.int64), p + "/tokens"),
                  numpy_helper.from_array(np.ascontiguousarray(weight), p + "/weight")]
@@ -178,13 +176,13 @@ def patch_embedding_matmul(model: onnx.ModelProto, shapes: dict[str, list]) -> i
             new[:0] = [helper.make_node("Shape", [conv.input[0]], [p + "/in_shape"], name=p + "/Shape"),
                        helper.make_node("Slice", [p + "/in_shape", p + "/zero", p + "/one"], [p + "/batch"],
                                         name=p + "/batch")]
-        for k, n in enumerate(shape_nodes):
+        for i, n in enumerate(shape_nodes):
             dims = ["batch", *tails[n.input[0]]]
             dims = dims[_attr(n, "start", 0):_attr(n, "end", len(dims))]  # Shape's own slicing (opset 15)
             batch = [p + "/batch"] if dims[:1] == ["batch"] else []
-            inits.append(numpy_helper.from_array(np.array(dims[len(batch):], np.int64), f"{p}/dims_{k}"))
-            new.append(helper.make_node("Concat", [*batch, f"{p}/dims_{k}"], [n.output[0]], axis=0,
-                                        name=f"{p}/shape_{k}"))
+            inits.append(numpy_helper.from_array(np.array(dims[len(batch):], np.int64), f"{p}/dims_{i}"))
+            new.append(helper.make_node("Concat", [*batch, f"{p}/dims_{i}"], [n.output[0]], axis=0,
+                                        name=f"{p}/shape_{i}"))
         before = onnx.ModelProto()
         before.CopyFrom(model)
         _replace(model, [conv, flat, tr, *shape_nodes], new, inits)
@@ -246,9 +244,11 @@ def approximate_gelu(model: onnx.ModelProto) -> int:
             if half is None or half[0] != x or half[1] != 0.5 or ix.only_consumer(xh.output[0]) is not m1:
                 continue
             nodes.append(xh)
-        if any(o in ix.outputs for n in nodes[:-1] for o in n.output) or len(ix.consumers.get(pre.output[0], [])) != 1:
+        final = nodes[-1] if src == [x] else m1  # whose output becomes FastGelu's
+        if (any(o in ix.outputs for n in nodes if n is not final for o in n.output)
+                or len(ix.consumers.get(pre.output[0], [])) != 1):
             continue
-        out = nodes[-1].output[0] if src == [x] else m1.output[0]
+        out = final.output[0]
         _replace(model, nodes, [helper.make_node("FastGelu", [x], [out], name=out + "/FastGelu", domain=MS_DOMAIN)])
         done += 1
     if done:

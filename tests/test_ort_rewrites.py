@@ -87,10 +87,13 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
-def test_approximate_gelu_is_the_tanh_form_within_its_bound() -> None:
-    exact = [helper.make_node("Div", ["x", "r2"], ["a"]), helper.make_node("Erf", ["a"], ["b"]),
-             helper.make_node("Add", ["b", "one"], ["c"]), helper.make_node("Mul", ["x", "c"], ["d"]),
-             helper.make_node("Mul", ["d", "half"], ["y"])]
+@pytest.mark.parametrize("half_first", [False, True])
+def test_approximate_gelu_is_the_tanh_form_within_its_bound(half_first: bool) -> None:
+    erf = [helper.make_node("Div", ["x", "r2"], ["a"]), helper.make_node("Erf", ["a"], ["b"]),
+           helper.make_node("Add", ["b", "one"], ["c"])]
+    exact = erf + ([helper.make_node("Mul", ["x", "half"], ["d"]), helper.make_node("Mul", ["d", "c"], ["y"])]
+                   if half_first else  # (x * 0.5) * (1 + erf) or (x * (1 + erf)) * 0.5
+                   [helper.make_node("Mul", ["x", "c"], ["d"]), helper.make_node("Mul", ["d", "half"], ["y"])])
     model = _gelu_graph(exact, [_c("r2", math.sqrt(2)), _c("one", 1.0), _c("half", 0.5)])
     x = np.linspace(-8, 8, 2001, dtype=np.float32)[None]
     ref = _run(model, x)
@@ -131,3 +134,18 @@ def test_repeated_constants_do_not_hide_attention_from_the_fusion(tmp_path) -> N
     assert result.attention_fused == result.attention_regions == len(graph.spec.blocks)
     onnx.save(fused, str(tmp_path / "f.onnx"))
     assert np.abs(run_batches(session(tmp_path / "f.onnx"), x.numpy()) - _torch_out(graph, x)).max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["swin", "beit", "eva02", "mobilevit"])
+def test_cpu_form_keeps_the_hierarchical_and_hybrid_families_function(family: str, tmp_path) -> None:
+    """The host profile hands every family's export this form: whatever each rewrite does or
+    leaves alone (Swin's NHWC patch embedding, EVA's SwiGLU, relative-position attention), the
+    result must compute what torch does."""
+    from tests.test_families_deploy import _graph
+
+    graph = _graph(family)
+    x = torch.randn(2, 3, *graph.spec.img_size)
+    _export(graph, tmp_path / "m.onnx")
+    result = fuse_for_cpu(tmp_path / "m.onnx", tmp_path / "m.cpu.onnx", x.numpy(), approximate_gelu=False)
+    assert not result.unfused_regions
+    assert np.abs(run_batches(session(tmp_path / "m.cpu.onnx"), x.numpy()) - _torch_out(graph, x)).max() < 1e-4
