@@ -102,7 +102,7 @@ def test_approximate_gelu_is_the_tanh_form_within_its_bound(half_first: bool) ->
     model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     got = _run(model, x)
     tanh = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-    assert np.abs(got - tanh).max() < 1e-5  # the tanh approximation itself ...
+    assert np.abs(got - tanh).max() < 5e-5  # the tanh approximation itself (margin for other CPUs' tanh kernels) ...
     assert 1e-5 < np.abs(got - ref).max() < 5e-4  # ... not exact GELU, and within the stated bound
 
 
