@@ -1,7 +1,8 @@
 """The host-CPU form of an exported ViT: rewrites for ONNX Runtime's CPU kernels.
 
 ``fuse_for_cpu`` applies :mod:`edgevit.ort_rewrites` (constants resolved, the patch embedding
-as a MatMul, GELU as its tanh approximation) and an attention fusion. ONNX
+as a MatMul, GELU as its tanh approximation), :mod:`edgevit.unread_tokens` (a token-pooling
+head's last block computes the class token alone) and an attention fusion. ONNX
 Runtime's session (graph optimization level ALL) already fuses the LayerNorms, bias adds and
 GELUs of edgevit's exports when it loads them; its transformers optimizer
 (``onnxruntime.transformers.optimizer``, model type ``vit``) does the same offline, but
@@ -27,6 +28,7 @@ from edgevit import ort_rewrites
 from edgevit.errors import EdgeVitError
 from edgevit.fileio import atomic_path
 from edgevit.ort_rewrites import MS_DOMAIN, GraphIndex
+from edgevit.unread_tokens import slice_unread_tokens
 
 # Ops that only move data between the packed qkv tensor and q, k, v (never change values).
 LAYOUT_OPS = frozenset({"Transpose", "Squeeze", "Unsqueeze", "Split", "Gather", "Reshape", "Identity"})
@@ -269,14 +271,16 @@ def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def fuse_for_cpu(src: Path, dst: Path, images: np.ndarray, attention: bool = True, approximate_gelu: bool = True,
-                 ort_optimizer: bool = False) -> FusionResult:
-    """Write the host-CPU form of ``src`` to ``dst`` (atomically): constants resolved, the
-    patch embedding as a MatMul, (``approximate_gelu``) GELU as FastGelu, (``attention``)
-    edgevit's attention fusion, then (``ort_optimizer``) ONNX Runtime's offline transformer
-    fusions. ``images``: a few real inputs for the per-region check (the caller gates the whole
-    model's parity)."""
+                 ort_optimizer: bool = False, unread_tokens: bool = True) -> FusionResult:
+    """Write the host-CPU form of ``src`` to ``dst`` (atomically): constants resolved,
+    (``unread_tokens``) the tokens the head does not read left uncomputed
+    (:mod:`edgevit.unread_tokens`), the patch embedding as a MatMul, (``approximate_gelu``)
+    GELU as FastGelu, (``attention``) edgevit's attention fusion, then (``ort_optimizer``) ONNX
+    Runtime's offline transformer fusions. ``images``: a few real inputs for the per-region
+    check (the caller gates the whole model's parity)."""
     model = onnx.load(str(src))
     rewrites = {"identities_folded": ort_rewrites.fold_identities(model)}
+    rewrites["unread_tokens"] = slice_unread_tokens(model, _shapes(model)) if unread_tokens else 0
     rewrites["patch_embedding_matmul"] = ort_rewrites.patch_embedding_matmul(model, _shapes(model))
     rewrites["fast_gelu"] = ort_rewrites.approximate_gelu(model) if approximate_gelu else 0
     if attention:

@@ -44,6 +44,9 @@ class ExportConfig(PassConfig):
                                 "under dynamic INT8), each region checked against the unfused graph")
     approximate_gelu: bool = Field(True, description="CPU form: GELU as its tanh approximation (FastGelu, "
                                    "|error| < 5e-4), gated by the same parity check")
+    head_tokens_only: bool = Field(True, description="CPU form: where the head reads one token (the class "
+                                   "token), the last block computes that token alone (edgevit.unread_tokens; "
+                                   "the same sums)")
 
 
 class ExportPass(Pass):
@@ -102,7 +105,8 @@ class ExportPass(Pass):
         logits amplify its error), exact GELU instead, with a warning."""
         approximate = cfg.approximate_gelu
         while True:
-            result = fuse_for_cpu(path, fused, images[:4], cfg.cpu_attention, approximate)
+            result = fuse_for_cpu(path, fused, images[:4], cfg.cpu_attention, approximate,
+                                  unread_tokens=cfg.head_tokens_only)
             try:
                 return result, self._parity(cfg, fused, images, ref, task)
             except EdgeVitError as e:
