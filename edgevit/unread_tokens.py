@@ -40,6 +40,24 @@ def _axes(ix: GraphIndex, n: onnx.NodeProto, rank: int) -> list[int] | None:
     return None if a is None else [_norm(int(v), rank) for v in a]
 
 
+def _broadcast(ins: list[list | None], axis: int, out: list) -> list[int | None] | None:
+    """Where each input of a broadcasting op holds the output's ``axis`` (numpy rules: trailing
+    axes aligned): its own axis of the same size, None where it has none or size 1; None
+    overall where a size is unknown (a symbolic 1 would broadcast)."""
+    got: list[int | None] = []
+    for s in ins:
+        if s is None:
+            return None
+        k = axis - (len(out) - len(s))
+        if k < 0 or s[k] == 1:
+            got.append(None)
+        elif s[k] == out[axis] and isinstance(s[k], int):
+            got.append(k)
+        else:
+            return None
+    return got
+
+
 def _input_axes(ix: GraphIndex, n: onnx.NodeProto, axis: int, shapes: dict[str, list]) -> list[int | None] | None:
     """For a node whose output is wanted at one row of ``axis``: the axis of each input that row
     comes from (None: the input is read whole, e.g. broadcast), or None where the node does not
@@ -52,13 +70,7 @@ def _input_axes(ix: GraphIndex, n: onnx.NodeProto, axis: int, shapes: dict[str, 
     if n.op_type in UNARY:
         return [axis] + [None] * (len(n.input) - 1)  # Clip's bounds, LeakyRelu has none
     if n.op_type in BROADCAST:
-        got: list[int | None] = []
-        for s in ins:
-            if s is None:
-                return None
-            k = axis - (rank - len(s))  # numpy broadcasting aligns trailing axes
-            got.append(k if k >= 0 and s[k] != 1 else None)
-        return got
+        return _broadcast(ins, axis, out)
     if n.op_type == "LayerNormalization":
         if axis >= _norm(_attr(n, "axis", -1), rank):
             return None
@@ -73,8 +85,7 @@ def _input_axes(ix: GraphIndex, n: onnx.NodeProto, axis: int, shapes: dict[str, 
             return [len(a) - 2, None]
         if axis == rank - 1:
             return [None, len(b) - 1]
-        return [axis - (rank - len(s)) if axis - (rank - len(s)) >= 0 and s[axis - (rank - len(s))] != 1 else None
-                for s in (a, b)]
+        return _broadcast([a[:-2], b[:-2]], axis, out[:-2])
     if n.op_type == "Transpose":
         perm = _attr(n, "perm", list(range(rank))[::-1])
         return [int(perm[axis])]

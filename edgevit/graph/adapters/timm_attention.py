@@ -5,7 +5,9 @@ width differs. :func:`allow_fewer_heads` swaps such a module's class for a subcl
 forward reshapes to the kept width instead (same parameters and state-dict keys, same
 arithmetic otherwise), so a pruned block runs, traces and exports. :func:`keep_heads` is the
 one place that keeps an attention module's per-head and per-channel extras true after the
-graph sliced its q/k/v rows; :func:`unfused_attention` turns SDPA off for export.
+graph sliced its q/k/v rows; :func:`unfused_attention` turns SDPA off for export, and
+:class:`TimmAdapter` gives every timm family's adapter that export mode and timm's own
+``reset_classifier``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgevit.graph.adapters.base import heads_of, slice_qkv_biases
+from edgevit.graph.adapters.base import Adapter, heads_of, slice_qkv_biases
 from edgevit.graph.spec import AttentionSpec
 
 _SUBCLASSES: dict[type, type] = {}
@@ -145,3 +147,16 @@ def unfused_attention(module: nn.Module) -> Iterator[None]:
     finally:
         for m, f in zip(attns, saved, strict=True):
             m.fused_attn = f
+
+
+class TimmAdapter(Adapter):
+    """What timm's families share: the model's own ``reset_classifier`` and, for export,
+    attention as explicit MatMul + Softmax."""
+
+    def reset_classifier(self, module: nn.Module, num_classes: int) -> None:
+        module.reset_classifier(num_classes)
+
+    @contextmanager
+    def export_mode(self, module: nn.Module) -> Iterator[None]:
+        with unfused_attention(module):
+            yield

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from edgevit.errors import EdgeVitError
-from edgevit.graph.adapters.base import Adapter, build_timm, grid_of, is_identity, timm_mean_std
+from edgevit.graph.adapters.base import build_timm, grid_of, is_identity, timm_mean_std
+from edgevit.graph.adapters.timm_attention import TimmAdapter
 from edgevit.graph.adapters.timm_vit import TimmViTAdapter
 from edgevit.graph.spec import AttentionSpec, BlockSpec, GraphSpec, MlpSpec
 from edgevit.graph.trace import complete
@@ -24,7 +25,7 @@ def _mobilevit_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in module.named_modules() if isinstance(m, MobileVitBlock)]
 
 
-class TimmMobileViTAdapter(Adapter):
+class TimmMobileViTAdapter(TimmAdapter):
     name = "timm_mobilevit"
     supports = "timm MobileViT v1"
 
@@ -105,7 +106,3 @@ class TimmMobileViTAdapter(Adapter):
         for mvb, k in zip(stages, kept, strict=True):
             mvb.transformer = nn.Sequential(*k)
 
-    def reset_classifier(self, module: nn.Module, num_classes: int) -> None:
-        module.reset_classifier(num_classes)
-
-    export_mode = TimmViTAdapter.export_mode

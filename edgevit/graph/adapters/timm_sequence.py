@@ -5,16 +5,14 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from edgevit.errors import EdgeVitError
-from edgevit.graph.adapters.base import Adapter, build_timm, is_identity, slice_norm, timm_mean_std
-from edgevit.graph.adapters.timm_attention import unfused_attention
+from edgevit.graph.adapters.base import build_timm, is_identity, slice_norm, timm_mean_std
+from edgevit.graph.adapters.timm_attention import TimmAdapter
 from edgevit.graph.spec import AttentionSpec, BlockSpec, GraphSpec, MlpSpec
 from edgevit.graph.trace import complete
 
@@ -34,7 +32,7 @@ def mlp_spec(p: str, mlp: nn.Module, what: str) -> MlpSpec:
     raise EdgeVitError(f"model: {what} {p} is a {type(mlp).__name__}; edgevit supports timm's Mlp, SwiGLU and GluMlp")
 
 
-class TimmSequenceAdapter(Adapter):
+class TimmSequenceAdapter(TimmAdapter):
     """The shared layout; :meth:`attention` is the one per-family part of a block."""
 
     @abstractmethod
@@ -87,10 +85,3 @@ class TimmSequenceAdapter(Adapter):
     def keep_blocks(self, module: nn.Module, blocks: list[int]) -> None:
         module.blocks = nn.ModuleList([module.blocks[i] for i in blocks])
 
-    def reset_classifier(self, module: nn.Module, num_classes: int) -> None:
-        module.reset_classifier(num_classes)
-
-    @contextmanager
-    def export_mode(self, module: nn.Module) -> Iterator[None]:
-        with unfused_attention(module):
-            yield

@@ -10,16 +10,14 @@ with the head), and q/v biases sit beside a bias-free qkv; its adapter overrides
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from edgevit.errors import EdgeVitError
-from edgevit.graph.adapters.base import Adapter, build_timm, timm_mean_std
-from edgevit.graph.adapters.timm_attention import keep_heads, unfused_attention
+from edgevit.graph.adapters.base import build_timm, timm_mean_std
+from edgevit.graph.adapters.timm_attention import TimmAdapter, keep_heads
 from edgevit.graph.spec import AttentionSpec, BlockSpec, GraphSpec, MlpSpec
 from edgevit.graph.trace import complete
 
@@ -31,7 +29,7 @@ def _windows(blk_module: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
     return math.ceil(h / wh) * math.ceil(w / ww), wh * ww
 
 
-class TimmSwinAdapter(Adapter):
+class TimmSwinAdapter(TimmAdapter):
     name = "timm_swin"
     supports = "timm SwinTransformer"
 
@@ -105,13 +103,6 @@ class TimmSwinAdapter(Adapter):
             stage.blocks = nn.Sequential(*kept) if isinstance(stage.blocks, nn.Sequential) else nn.ModuleList(kept)
             stage.depth = len(kept)
 
-    def reset_classifier(self, module: nn.Module, num_classes: int) -> None:
-        module.reset_classifier(num_classes)
-
-    @contextmanager
-    def export_mode(self, module: nn.Module) -> Iterator[None]:
-        with unfused_attention(module):
-            yield
 
 
 class TimmSwinV2Adapter(TimmSwinAdapter):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -13,12 +11,12 @@ from edgevit.errors import EdgeVitError
 from edgevit.graph.adapters.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    Adapter,
     BlockBranches,
     as_triple,
     slice_linear,
     slice_norm,
 )
+from edgevit.graph.adapters.timm_attention import TimmAdapter
 from edgevit.graph.spec import AttentionSpec, BlockSpec, GraphSpec, MlpSpec
 from edgevit.graph.trace import complete
 
@@ -32,7 +30,7 @@ def _classes() -> dict[str, type[nn.Module]]:
     return {"VisionTransformer": VisionTransformer, "VisionTransformerDistilled": VisionTransformerDistilled}
 
 
-class TimmViTAdapter(Adapter):
+class TimmViTAdapter(TimmAdapter):
     name = "timm"
     supports = "timm VisionTransformer / DeiT (incl. distilled)"
 
@@ -156,19 +154,3 @@ class TimmViTAdapter(Adapter):
             info = module.feature_info[: len(blocks)]
             module.feature_info = [dict(f, module=f"blocks.{j}") for j, f in enumerate(info)]
 
-    def reset_classifier(self, module: nn.Module, num_classes: int) -> None:
-        module.reset_classifier(num_classes)
-
-    @contextmanager
-    def export_mode(self, module: nn.Module) -> Iterator[None]:
-        from timm.layers import Attention
-
-        attns = [m for m in module.modules() if isinstance(m, Attention)]
-        saved = [m.fused_attn for m in attns]
-        for m in attns:
-            m.fused_attn = False  # SDPA has no ONNX form below opset 14 (TensorRT 8.2 reads 13)
-        try:
-            yield
-        finally:
-            for m, f in zip(attns, saved, strict=True):
-                m.fused_attn = f
